@@ -1,0 +1,86 @@
+"""Score ID test and OOD sets with KNN / CSD and print the paper's table.
+
+    python CSD/CSD.py --in-dataset CIFAR-10 --name resnet18 --model-arch resnet18-supcon \
+        --ckp path/to/last.pth --method knn csd
+
+Features come from ``feature_collect.py``'s cache (collected here first when missing or
+stale). For each method the table has one row per OOD set and an ``AVG`` row, columns
+FPR (FPR95, ID positive) AUROC AUIN, ×100; it is also written as CSV, JSON and Markdown
+under ``--output-dir/<in-dataset>/<name>/``.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ''):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python CSD/CSD.py`
+
+import numpy as np
+
+from CSD.feature_collect import add_feature_args, get_splits, prepare, run_name
+from CSD.scoring import DEFAULT_K, SCALE_SETS, build_score
+from util.errors import UserError, run_cli
+from util.metrics import TABLE_COLUMNS, cal_metric, format_table, write_results
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MODE test-time OOD detection (KNN / CSD)', add_help=True)
+    add_feature_args(parser)
+    parser.add_argument('--method', nargs='+', default=['knn', 'csd'], choices=list(SCALE_SETS),
+                        help='scores to report (default: knn csd)')
+    parser.add_argument('--k', type=int, nargs='+', default=None,
+                        help=f"neighbours, one per --method or one for all (default {DEFAULT_K})")
+    parser.add_argument('--output-dir', default='results', help='tables are written here (default ./results)')
+    parser.add_argument('--ood-positive-fpr', action='store_true',
+                        help="also print OpenOOD's FPR@95TPR with OOD as positive (a different number)")
+    parser.add_argument('--auout', action='store_true', help='also print AUOUT')
+    return parser
+
+
+def score_splits(splits, method, k, device, ood_names):
+    """Fit ``method`` on the train bank; -> (ID test scores, {ood: scores})."""
+    scorer = build_score(method, k, str(device)).fit(splits['train']['features'])
+    id_scores = scorer.score(splits['test']['features'])
+    return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}
+
+
+def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False):
+    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names)
+    return {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
+
+
+def main(args):
+    methods = args.method
+    ks = args.k or [None] * len(methods)
+    if len(ks) == 1:
+        ks = ks * len(methods)
+    if len(ks) != len(methods):
+        raise UserError(f"--k takes one value or one per --method ({len(methods)}), got {len(ks)}")
+    device, spec, model, info = prepare(args)
+    splits = get_splits(args, model, info, spec, device)
+    ood_names = [n for n in splits if n not in ('train', 'test')]
+    if not ood_names:
+        raise UserError('no OOD sets to score: pass --out-datasets')
+    columns = TABLE_COLUMNS + (('AUOUT',) if args.auout else ()) + (('FPR_OODpos',) if args.ood_positive_fpr else ())
+    out_dir = Path(args.output_dir) / spec.name / run_name(args)
+    all_results = {}
+    for method, k in zip(methods, ks):
+        k = k or DEFAULT_K[method]
+        t0 = time.perf_counter()
+        results = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr)
+        title = (f"{method.upper()} (k={k}) | ID {spec.name} | {info['arch']} | {run_name(args)} "
+                 f"| bank {splits['train']['features'].shape[0]} images | {time.perf_counter() - t0:.1f}s")
+        print()
+        print(format_table(results, title, columns))
+        meta = {'method': method, 'k': k, 'in_dataset': spec.name, 'arch': info['arch'], 'ckp': str(args.ckp),
+                'n_train': int(splits['train']['meta']['n']), 'n_test': int(splits['test']['meta']['n']),
+                'n_ood': {n: int(splits[n]['meta']['n']) for n in ood_names}}
+        files = write_results(results, str(out_dir / f'{method}_k{k}'), columns, meta)
+        print(f"written: {', '.join(files)}")
+        all_results[method] = results
+    return all_results
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser().parse_args())

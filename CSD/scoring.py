@@ -1,0 +1,138 @@
+"""k-NN scores on multi-scale features: the KNN baseline and Cross-Scale Decision (PAPER §3).
+
+Contract (as OpenOOD's post-processors): a score is fitted on ID training features and
+then maps test features to one number per image, **higher = more ID**.
+
+- ``knn``: bank = global vectors of the ID training set; score = −d_k, the squared L2
+  distance to the k-th nearest neighbour (Sun et al., 2022).
+- ``csd``: bank = all M = 6 vectors of every training image, pooled, unlabelled; for each of
+  the test image's M vectors, d_s = squared L2 distance to its k-th neighbour in the bank;
+  score = max_s(−d_s).
+- ``local`` (quadrants + centre) and ``global+center``: the same rule on a subset of scales.
+Every vector is L2-normalised first (``x / (‖x‖ + 1e-10)``). Search is exact (faiss
+``IndexFlatL2``; on CUDA a faiss GPU index, or torch when faiss has no GPU support), all
+scales of all queries in one batched search.
+"""
+import numpy as np
+import torch
+
+from util.errors import UserError
+from util.features import SCALES, l2_normalize
+
+try:
+    import faiss
+except ImportError:  # pragma: no cover - faiss is in requirements.txt
+    faiss = None
+
+SCALE_SETS = {
+    'knn': ('global',),
+    'csd': SCALES,
+    'local': ('q00', 'q01', 'q10', 'q11', 'center'),
+    'global+center': ('global', 'center'),
+}
+DEFAULT_K = {'knn': 50, 'csd': 10, 'local': 10, 'global+center': 10}
+
+
+def _faiss_gpu_available():
+    return faiss is not None and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
+
+
+class ExactKNN:
+    """Exact squared-L2 k-th neighbour distance against a fixed bank."""
+
+    def __init__(self, bank, device='cpu', query_chunk=65536):
+        bank = np.ascontiguousarray(bank, dtype=np.float32)  # [N, D]
+        self.n, self.dim = bank.shape
+        self.device = torch.device(device)
+        self.query_chunk = query_chunk
+        if self.device.type == 'cuda' and not _faiss_gpu_available():
+            self.backend = 'torch'
+            self.bank = torch.from_numpy(bank).to(self.device)
+            self.bank_sq = (self.bank * self.bank).sum(1)
+            return
+        if faiss is None:
+            raise UserError("faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12 on CUDA)")
+        index = faiss.IndexFlatL2(self.dim)
+        if self.device.type == 'cuda':
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, torch.cuda.current_device(), index)
+            self.backend = 'faiss-gpu'
+        else:
+            self.backend = 'faiss-cpu'
+        index.add(bank)
+        self.index = index
+
+    def kth_distance(self, queries, k):
+        """queries [Q, D] -> [Q] squared L2 distance to the k-th nearest bank vector."""
+        if not 1 <= k <= self.n:
+            raise UserError(f"--k {k} is out of range: the bank holds {self.n} vectors, so 1 <= k <= {self.n}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        out = np.empty(len(queries), dtype=np.float32)
+        for s in range(0, len(queries), self.query_chunk):
+            q = queries[s:s + self.query_chunk]
+            if self.backend == 'torch':
+                out[s:s + len(q)] = self._torch_kth(q, k)
+            else:
+                dist, _ = self.index.search(q, k)
+                out[s:s + len(q)] = dist[:, k - 1]
+        return out
+
+    def _torch_kth(self, q, k):
+        qt = torch.from_numpy(q).to(self.device)
+        d = (qt * qt).sum(1, keepdim=True) + self.bank_sq[None] - 2.0 * qt @ self.bank.T
+        return d.topk(k, dim=1, largest=False).values[:, k - 1].cpu().numpy()
+
+
+class MultiScaleKNN:
+    """Fit on ID training features [N, 6, C]; ``score`` test features [Q, 6, C] -> [Q].
+
+    ``scales`` picks the vectors used (names from ``util.features.SCALES``); with one scale
+    this is the KNN baseline, with all six it is CSD."""
+
+    def __init__(self, scales=SCALES, k=10, device='cpu'):
+        unknown = set(scales) - set(SCALES)
+        if unknown:
+            raise UserError(f"unknown scales {sorted(unknown)}; known: {', '.join(SCALES)}")
+        self.scales = tuple(scales)
+        self.idx = [SCALES.index(s) for s in self.scales]
+        self.k = k
+        self.device = device
+
+    def _select(self, feats):
+        feats = np.asarray(feats)
+        if feats.ndim != 3 or feats.shape[1] != len(SCALES):
+            raise ValueError(f"expected features [N, {len(SCALES)}, C], got {feats.shape}")
+        return l2_normalize(feats[:, self.idx].astype(np.float32, copy=False))  # [N, M, C]
+
+    def fit(self, train_feats):
+        bank = self._select(train_feats)
+        self.search = ExactKNN(bank.reshape(-1, bank.shape[-1]), self.device)  # [N·M, C]
+        return self
+
+    def score(self, feats):
+        q = self._select(feats)
+        n, m, c = q.shape
+        d = self.search.kth_distance(q.reshape(-1, c), self.k).reshape(n, m)   # [Q, M]
+        return (-d).max(axis=1)
+
+
+def build_score(method, k=None, device='cpu'):
+    """Name -> fitted-later score object: ``knn``, ``csd``, ``local``, ``global+center``."""
+    if method not in SCALE_SETS:
+        raise UserError(f"unknown --method {method!r}; known: {', '.join(SCALE_SETS)}")
+    return MultiScaleKNN(SCALE_SETS[method], k=k or DEFAULT_K[method], device=device)
+
+
+def knn_scores(bank, queries, k, device='cpu'):
+    """bank [N, D], queries [Q, D] -> [Q] scores −d_k (higher = more ID). Inputs normalised here."""
+    search = ExactKNN(l2_normalize(bank), device)
+    return -search.kth_distance(l2_normalize(queries), k)
+
+
+def csd_scores(bank, queries, k, device='cpu'):
+    """bank [N, M, D], queries [Q, M, D] -> [Q] scores max_s(−d_{k,s}), where the bank pools
+    all N·M vectors. Inputs normalised here."""
+    bank, queries = l2_normalize(bank), l2_normalize(queries)
+    n, m, d = queries.shape
+    search = ExactKNN(bank.reshape(-1, bank.shape[-1]), device)
+    return (-search.kth_distance(queries.reshape(-1, d), k).reshape(n, m)).max(axis=1)

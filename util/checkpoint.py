@@ -1,0 +1,145 @@
+"""Reading and writing checkpoints: data only, never code.
+
+Layouts read by ``read_checkpoint``:
+- ours / the authors': ``{'model', 'attention', 'opt', 'optimizer', 'epoch', ...}``
+  (``opt`` an ``argparse.Namespace``);
+- SupContrast's: ``{'opt', 'model', 'optimizer', 'epoch'}``;
+- a bare ``state_dict`` (e.g. torchvision's ``resnet50`` weights).
+Every file is opened with ``torch.load(weights_only=True)``; ``argparse.Namespace`` is the
+only class allowed beyond tensors and builtins, so a pickle that would run code is refused.
+Writes go to a temporary file that is renamed over the target, so a crash mid-write leaves
+the previous checkpoint intact.
+"""
+import argparse
+import hashlib
+import os
+import pickle
+import zipfile
+
+import torch
+
+from util.errors import UserError
+
+_PREFIXES = ('module.', '_orig_mod.')  # DDP / DataParallel, torch.compile
+
+
+def file_sha256(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def torch_load_safe(path):
+    """``torch.load`` with ``weights_only=True`` (Namespace allowed); user errors are one line."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist: check --ckp")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
+            raise UserError(f"refusing to load {path}: it holds Python objects other than tensors, "
+                            f"numbers and argparse.Namespace, so loading it could run code "
+                            f"({_unsupported_global(str(e))}); re-save its state_dict with torch.save") from None
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first}); re-download or use an earlier one") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({first}); re-download or use an earlier one") from None
+
+
+def _unsupported_global(msg):
+    for line in msg.splitlines():
+        if 'Unsupported global' in line or 'GLOBAL' in line:
+            return line.strip()[:160]
+    return 'unsupported global'
+
+
+def strip_prefixes(state_dict):
+    """Drop ``module.`` (anywhere, e.g. SupContrast's ``encoder.module.conv1``) and ``_orig_mod.``."""
+    out = {}
+    for key, value in state_dict.items():
+        for p in _PREFIXES:
+            key = key.replace(p, '') if key.startswith(p) else key.replace('.' + p, '.')
+        out[key] = value
+    return out
+
+
+def read_checkpoint(path):
+    """-> dict with ``model`` (state_dict), ``attention`` (state_dict or None), ``opt``
+    (Namespace or None), ``epoch``, ``arch`` (our architecture record or None) and ``raw``."""
+    raw = torch_load_safe(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"checkpoint {path} holds a {type(raw).__name__}, not a dict or state_dict")
+    if 'model' in raw and isinstance(raw['model'], dict):
+        model = raw['model']
+    elif 'state_dict' in raw and isinstance(raw['state_dict'], dict):
+        model = raw['state_dict']
+    elif raw and all(torch.is_tensor(v) for v in raw.values()):
+        model = raw
+    else:
+        raise UserError(f"checkpoint {path} has no 'model' or 'state_dict' entry and is not a state_dict "
+                        f"(keys: {', '.join(list(raw)[:8])})")
+    attention = raw.get('attention') if isinstance(raw.get('attention'), dict) else None
+    return {
+        'model': strip_prefixes(model),
+        'attention': strip_prefixes(attention) if attention else None,
+        'opt': raw.get('opt'),
+        'epoch': raw.get('epoch'),
+        'arch': raw.get('arch') if isinstance(raw.get('arch'), dict) else None,
+        'raw': raw,
+    }
+
+
+def _adapt_bare_keys(model, state_dict):
+    """A torchvision-style state_dict (``conv1.weight`` … ``fc.weight``) goes under ``encoder.``."""
+    expected = model.state_dict()
+    if any(k.startswith('encoder.') for k in state_dict) or not any(k.startswith('encoder.') for k in expected):
+        return state_dict
+    return {(k if k.split('.')[0] in ('fc', 'head') and k in expected else 'encoder.' + k): v
+            for k, v in state_dict.items()}
+
+
+def load_weights(model, state_dict, path='checkpoint', ignore=()):
+    """Strict load: any missing, unexpected or mis-shaped key is a ``UserError`` naming them.
+    ``ignore``: key prefixes allowed to be absent from / extra in the checkpoint (e.g. ``fc.``
+    when only the encoder is needed)."""
+    state_dict = _adapt_bare_keys(model, strip_prefixes(state_dict))
+    expected = model.state_dict()
+    keep = lambda k: not any(k.startswith(p) for p in ignore)
+    missing = [k for k in expected if k not in state_dict and keep(k)]
+    unexpected = [k for k in state_dict if k not in expected and keep(k)]
+    shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+             for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shape)):
+            if keys:
+                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ''
+                parts.append(f"{label}: {', '.join(keys[:4])}{more}")
+        raise UserError(f"{path} does not match this architecture ({'; '.join(parts)}); "
+                        f"check --model-arch / --model")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    return model
+
+
+def save_checkpoint(obj, path):
+    """Atomic ``torch.save``: write ``path.tmp``, flush to disk, rename over ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def namespace_to_dict(ns):
+    """Namespaces are stored as-is for the authors' layout; this keeps only plain values."""
+    return {k: v for k, v in vars(ns).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}

@@ -1,0 +1,87 @@
+"""Multi-scale features (PAPER §2) and the one feature-extraction loop every score uses."""
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Order of the M = 6 vectors per image. Scores select scales by these names.
+SCALES = ('q00', 'q01', 'q10', 'q11', 'global', 'center')
+
+
+def center_slice(n):
+    """Central half of a side of length n, symmetric, trimming ``ceil(n/4 - 1/2)`` (n/4
+    rounded, halves down) from each end: 4 -> 1:3 (the authors' 4×4 case), 7 -> 2:5,
+    8 -> 2:6, 2 -> 0:2, 1 -> 0:1."""
+    lo = max(math.ceil(n / 4 - 0.5), 0)
+    return slice(lo, max(n - lo, lo + 1))
+
+
+def multi_scale_pool(fmap):
+    """Last-stage map [N, C, H, W] -> [N, 6, C] (not normalised): the 2×2 adaptive-average
+    quadrants row-major (q00, q01, q10, q11), the global average, the central-region average."""
+    quads = F.adaptive_avg_pool2d(fmap, 2).flatten(2).transpose(1, 2)          # [N, 4, C]
+    glob = fmap.mean(dim=(2, 3)).unsqueeze(1)                                   # [N, 1, C]
+    hs, ws = center_slice(fmap.shape[2]), center_slice(fmap.shape[3])
+    cent = fmap[:, :, hs, ws].mean(dim=(2, 3)).unsqueeze(1)                     # [N, 1, C]
+    return torch.cat([quads, glob, cent], dim=1)
+
+
+def l2_normalize(x, axis=-1):
+    """``x / (‖x‖ + 1e-10)``, the authors' normalisation (numpy or torch)."""
+    if torch.is_tensor(x):
+        return x / (x.norm(dim=axis, keepdim=True) + 1e-10)
+    x = np.asarray(x, dtype=np.float32)
+    return x / (np.linalg.norm(x, axis=axis, keepdims=True) + 1e-10)
+
+
+@torch.no_grad()
+def collect_features(model, loader, device, with_logits=None, progress=None, dtype=torch.float32,
+                     writer=None):
+    """One forward pass over ``loader`` -> dict of numpy arrays: ``features`` [N, 6, C]
+    (raw, un-normalised), ``labels`` [N], and ``logits`` [N, K] when the model has a
+    classifier. Batches may be smaller than requested (corrupt images dropped by the
+    collate); ``skipped`` counts the images that never arrived.
+
+    ``writer(start, batch_dict)``, if given, receives each batch instead of keeping it in
+    memory (used to stream huge banks to a memory-mapped file)."""
+    model.eval()
+    if with_logits is None:
+        with_logits = hasattr(model, 'fc')
+    feats, labels, logits = [], [], []
+    n_seen = 0
+    use_amp = device.type == 'cuda'
+    iterator = progress(loader) if progress else loader
+    for batch in iterator:
+        if batch is None:
+            continue
+        images, target = batch[0], batch[1]
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            fmap = model.forward_features(images)
+        fmap = fmap.float()
+        out = {'features': multi_scale_pool(fmap).to(dtype).cpu().numpy(),
+               'labels': np.asarray(target, dtype=np.int64)}
+        if with_logits:
+            out['logits'] = model.logits_from_features(fmap).float().cpu().numpy()
+        if writer is not None:
+            writer(n_seen, out)
+        else:
+            feats.append(out['features'])
+            labels.append(out['labels'])
+            if with_logits:
+                logits.append(out['logits'])
+        n_seen += len(out['labels'])
+    skipped = len(loader.dataset) - n_seen
+    if skipped:
+        warnings.warn(f"{skipped} of {len(loader.dataset)} images could not be read and were skipped")
+    result = {'n': n_seen, 'skipped': skipped}
+    if writer is None:
+        if not feats:
+            raise ValueError('no images could be read')
+        result['features'] = np.concatenate(feats)
+        result['labels'] = np.concatenate(labels)
+        if with_logits:
+            result['logits'] = np.concatenate(logits)
+    return result
