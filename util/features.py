@@ -64,7 +64,7 @@ def collect_features(model, loader, device, with_logits=None, progress=None, dty
         out = {'features': multi_scale_pool(fmap).to(dtype).cpu().numpy(),
                'labels': np.asarray(target, dtype=np.int64)}
         if with_logits:
-            out['logits'] = model.logits_from_features(fmap).float().cpu().numpy()
+            out['logits'] = model.forward_head(fmap).float().cpu().numpy()
         if writer is not None:
             writer(n_seen, out)
         else:

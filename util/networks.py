@@ -185,8 +185,12 @@ class SupConResNet(nn.Module):
     def forward_features(self, x):
         return self.encoder.forward_features(x)
 
+    def forward_head(self, fmap):
+        """Last-stage map [N, C, H, W] -> L2-normalised projection [N, feat_dim]."""
+        return F.normalize(self.head(torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)), dim=1)
+
     def forward(self, x):
-        return F.normalize(self.head(self.encoder(x)), dim=1)
+        return self.forward_head(self.forward_features(x))
 
 
 class SupCEResNet(nn.Module):
@@ -200,11 +204,12 @@ class SupCEResNet(nn.Module):
     def forward_features(self, x):
         return self.encoder.forward_features(x)
 
-    def logits_from_features(self, fmap):
+    def forward_head(self, fmap):
+        """Last-stage map [N, C, H, W] -> logits [N, num_classes]."""
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1))
 
     def forward(self, x):
-        return self.fc(self.encoder(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def parse_arch(arch):

@@ -1,0 +1,480 @@
+"""The training loop shared by ``main_supcon.py`` and ``main_ce.py`` (MAE-style engine).
+
+Modes (PAPER §5):
+- Base: SupCon on the projection head (``--loss supcon``) or cross-entropy (``--loss ce``);
+- ``--alpa_train``: the base loss + λ·ALPA on the last-stage maps of both views;
+- ``--alpa_finetune --ckp PATH``: ALPA alone, starting from a trained checkpoint.
+Checkpoints (``last.pth`` every epoch, ``ckpt_epoch_N.pth`` every ``--save_freq``) hold the
+model, the ALPA attention, optimizer, scaler, epoch, RNG states, args and an architecture
+record; ``--resume`` continues bit-exactly on CPU.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ALPA.attention import AttentionSimilarity
+from ALPA.losses import ALPALoss, SupConLoss
+from util import data as data_lib
+from util import distributed as dist_lib
+from util.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from util.errors import UserError
+from util.features import collect_features, l2_normalize
+from util.misc import default_workers, progress, set_seed
+from util.networks import ENCODERS, build_model
+
+DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'imagenet',
+                 'fashion-mnist': 'fashion-mnist', 'path': 'path'}
+
+
+def add_train_args(parser, loss):
+    """The authors' (SupContrast's) flag names and defaults, plus ours."""
+    p = parser
+    p.add_argument('--print_freq', type=int, default=10, help='log every N steps (default 10)')
+    p.add_argument('--save_freq', type=int, default=50, help='also keep ckpt_epoch_N.pth every N epochs (default 50)')
+    p.add_argument('--batch_size', type=int, default=512 if loss == 'supcon' else 256,
+                   help=f"images per step, each giving 2 views (default {512 if loss == 'supcon' else 256})")
+    p.add_argument('--num_workers', type=int, default=default_workers(), help='data-loading workers (default min(4, cores))')
+    p.add_argument('--epochs', type=int, default=500, help='training epochs (default 500)')
+    p.add_argument('--learning_rate', type=float, default=0.5, help='base learning rate (default 0.5)')
+    p.add_argument('--lr_decay_epochs', type=str, default='350,400,450',
+                   help='step-decay epochs when not --cosine, comma-separated (default 350,400,450)')
+    p.add_argument('--lr_decay_rate', type=float, default=0.1, help='step decay factor; cosine ends at lr·rate³ (default 0.1)')
+    p.add_argument('--weight_decay', type=float, default=1e-4, help='SGD weight decay (default 1e-4)')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
+    p.add_argument('--model', type=str, default='resnet18', choices=sorted(ENCODERS), help='encoder (default resnet18)')
+    p.add_argument('--width', type=int, default=64, help='ResNet base width; 64 is the paper\'s, smaller for CPU runs (default 64)')
+    p.add_argument('--dataset', type=str, default='cifar10', choices=list(DATASET_NAMES),
+                   help='ID training set (default cifar10); path = class folders under --data_folder')
+    p.add_argument('--data_folder', type=str, default='datasets', help='data root (default ./datasets)')
+    p.add_argument('--mean', type=str, default=None, help="with --dataset path: per-channel mean, e.g. '0.5,0.5,0.5'")
+    p.add_argument('--std', type=str, default=None, help="with --dataset path: per-channel std")
+    p.add_argument('--size', type=int, default=32, help='with --dataset path: input size in pixels (default 32)')
+    p.add_argument('--id_classes', type=int, nargs='+', default=None,
+                   help='open-set protocol: train on these classes only (default all)')
+    p.add_argument('--download', action='store_true', help='let torchvision download CIFAR/Fashion-MNIST when missing')
+    p.add_argument('--cosine', action='store_true', help='cosine learning-rate schedule to lr·lr_decay_rate³')
+    p.add_argument('--warm', action='store_true', help='linear warm-up from 0.01 over 10 epochs (on by default when batch_size > 256)')
+    p.add_argument('--trial', type=str, default='0', help='run id appended to the run folder (default 0)')
+    if loss == 'supcon':
+        p.add_argument('--temp', type=float, default=0.1, help='SupCon temperature τ (default 0.1)')
+        p.add_argument('--feat_dim', type=int, default=128, help='SupCon projection size (default 128)')
+    # ALPA
+    p.add_argument('--alpa_train', action='store_true', help='train with base loss + lam·ALPA (MODE-T)')
+    p.add_argument('--alpa_finetune', action='store_true', help='fine-tune --ckp with ALPA alone (MODE-F)')
+    p.add_argument('--ckp', type=str, default=None, help='checkpoint to fine-tune from (required with --alpa_finetune)')
+    p.add_argument('--inner_size', type=int, default=80, help='ALPA projection size d (default 80)')
+    p.add_argument('--temperature_s', type=float, default=10.0, help='ALPA inverse temperature τ_s (default 10)')
+    p.add_argument('--aggregation', type=str, default='mean', choices=['mean', 'max', 'sum', 'logsum'],
+                   help='ALPA aggregation over positions (default mean)')
+    p.add_argument('--lam', type=float, default=1.0, help='weight λ of the ALPA term with --alpa_train (default 1)')
+    p.add_argument('--drop_prob', type=float, default=0.0, help='dropout on ALPA attention probabilities (default 0)')
+    # ours
+    p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
+    p.add_argument('--device', type=str, default=None, help='cpu, cuda (default cuda when present, else cpu)')
+    p.add_argument('--resume', type=str, default=None, help="checkpoint to resume, or 'auto' for the run folder's last.pth")
+    p.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 autocast; fp16 + loss scaling if no bf16)')
+    p.add_argument('--save_folder', type=str, default='save', help='runs are written under this folder (default ./save)')
+    p.add_argument('--max_steps', type=int, default=None, help='stop each epoch after this many steps (smoke tests)')
+    p.add_argument('--eval_knn', type=int, default=20,
+                   help='k of the kNN classifier for ID accuracy at the end (0 = skip; default 20)')
+    return p
+
+
+# ---------------------------------------------------------------- setup
+def resolve_spec(args):
+    name = DATASET_NAMES[args.dataset]
+    if name == 'path':
+        if not (args.mean and args.std):
+            raise UserError('--dataset path needs --mean and --std, e.g. --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25')
+        mean = tuple(float(x) for x in args.mean.split(','))
+        std = tuple(float(x) for x in args.std.split(','))
+        classes = _path_classes(args.data_folder)
+        return data_lib.DatasetSpec('path', len(classes), args.size, len(mean), mean, std, 'cifar')
+    spec = data_lib.get_spec(name)
+    if args.id_classes:
+        spec = data_lib.DatasetSpec(**{**spec.__dict__, 'num_classes': len(args.id_classes)})
+    return spec
+
+
+def _path_classes(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"--data_folder {folder} does not exist: with --dataset path give a folder of class subfolders")
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    if not classes:
+        raise UserError(f"--data_folder {folder} has no class subfolders (expected {folder}/<class>/<image>)")
+    return classes
+
+
+def build_train_dataset(args, spec, transform, split='train'):
+    if spec.name == 'path':
+        import torchvision
+        return torchvision.datasets.ImageFolder(args.data_folder, transform=transform)
+    return data_lib.get_id_dataset(spec.name, args.data_folder, split, transform, args.id_classes,
+                                   download=args.download)
+
+
+def run_folder_name(args, loss):
+    method = 'SupCon' if loss == 'supcon' else 'SupCE'
+    name = f"{method}_{args.dataset}_{args.model}_lr_{args.learning_rate}_decay_{args.weight_decay}_bsz_{args.batch_size}"
+    if loss == 'supcon':
+        name += f"_temp_{args.temp}"
+    name += f"_trial_{args.trial}"
+    if args.width != 64:
+        name += f"_w{args.width}"
+    if args.alpa_train:
+        name += f"_alpatrain_lam_{args.lam}_ts_{args.temperature_s}_{args.aggregation}"
+    if args.alpa_finetune:
+        name += f"_alpaft_ts_{args.temperature_s}_{args.aggregation}"
+    if args.cosine:
+        name += '_cosine'
+    if args.warm:
+        name += '_warm'
+    return name
+
+
+def finalize_args(args, loss):
+    if args.alpa_train and args.alpa_finetune:
+        raise UserError('choose one of --alpa_train and --alpa_finetune')
+    if args.alpa_finetune and not args.ckp:
+        raise UserError('--alpa_finetune needs --ckp PATH (the trained checkpoint to fine-tune)')
+    if args.batch_size < 2:
+        raise UserError('--batch_size must be at least 2')
+    args.loss = loss
+    args.lr_decay_epochs_list = [int(x) for x in str(args.lr_decay_epochs).split(',') if x]
+    if args.batch_size > 256:
+        args.warm = True
+    args.warm_epochs = 10
+    args.warmup_from = 0.01
+    if args.cosine:
+        eta_min = args.learning_rate * args.lr_decay_rate ** 3
+        args.warmup_to = eta_min + (args.learning_rate - eta_min) * (
+            1 + math.cos(math.pi * args.warm_epochs / args.epochs)) / 2
+    else:
+        args.warmup_to = args.learning_rate
+    args.model_name = run_folder_name(args, loss)
+    sub = 'SupCon' if loss == 'supcon' else 'SupCE'
+    args.run_dir = os.path.join(args.save_folder, sub, f'{args.dataset}_models', args.model_name)
+    return args
+
+
+def adjust_learning_rate(args, optimizer, epoch):
+    lr = args.learning_rate
+    if args.cosine:
+        eta_min = lr * args.lr_decay_rate ** 3
+        lr = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / args.epochs)) / 2
+    else:
+        steps = sum(epoch > e for e in args.lr_decay_epochs_list)
+        lr = lr * args.lr_decay_rate ** steps
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+
+
+def warmup_learning_rate(args, epoch, batch_id, total_batches, optimizer):
+    if args.warm and epoch <= args.warm_epochs:
+        p = (batch_id + (epoch - 1) * total_batches) / (args.warm_epochs * total_batches)
+        lr = args.warmup_from + p * (args.warmup_to - args.warmup_from)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+
+
+# ---------------------------------------------------------------- state for exact resume
+def rng_state():
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(_to_tuple(state['python']))
+    n = state['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def arch_record(args, spec):
+    return {'model_arch': f"{args.model}-{args.loss}", 'width': args.width, 'in_channel': spec.channels,
+            'num_classes': spec.num_classes, 'feat_dim': getattr(args, 'feat_dim', None), 'size': spec.size,
+            'dataset': spec.name, 'mean': list(spec.mean), 'std': list(spec.std),
+            'id_classes': list(args.id_classes) if args.id_classes else None}
+
+
+def plain_args(args):
+    """The Namespace stored as ``opt`` keeps only plain values (weights_only-loadable)."""
+    keep = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))
+            or (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v))}
+    return argparse.Namespace(**keep)
+
+
+# ---------------------------------------------------------------- one epoch
+class Trainer:
+    def __init__(self, args, model, attention, optimizer, device, scaler, writer=None):
+        self.args, self.model, self.attention = args, model, attention
+        self.optimizer, self.device, self.scaler, self.writer = optimizer, device, scaler, writer
+        self.supcon = SupConLoss(temperature=getattr(args, 'temp', 0.07)) if args.loss == 'supcon' else None
+        self.alpa = ALPALoss(args.temperature_s)
+        self.use_alpa = args.alpa_train or args.alpa_finetune
+        self.use_base = not args.alpa_finetune
+        amp = args.amp and device.type == 'cuda'
+        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+
+    def losses(self, images, labels):
+        """images [2B, ...] (view-major), labels [B] -> dict of scalar loss terms (global batch)."""
+        bsz = labels.shape[0]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            fmap, head = self.model(images)                    # [2B, C, h, w], [2B, D or K]
+        # The losses (softmaxes over large logit matrices, ALPA's cosines) run in fp32.
+        all_labels = dist_lib.gather_nograd(labels)
+        terms = {}
+        if self.use_base:
+            out = dist_lib.gather_with_grad(head.float())      # [world·2B, D or K]
+            if self.args.loss == 'supcon':
+                z = _views_to_sup(out, bsz, dist_lib.world_size())  # [world·B, 2, D]
+                terms['supcon'] = self.supcon(z, all_labels)
+            else:
+                views = out.shape[0] // (bsz * dist_lib.world_size())
+                terms['ce'] = F.cross_entropy(out, _repeat_labels(all_labels, bsz, views, dist_lib.world_size()))
+        if self.use_alpa:
+            maps = dist_lib.gather_with_grad(fmap.float())      # [world·2B, C, h, w]
+            n_views = maps.shape[0] // (bsz * dist_lib.world_size())
+            view_labels = _repeat_labels(all_labels, bsz, n_views, dist_lib.world_size())
+            sim = self.attention(maps, maps)                     # [2B', 2B']
+            terms['alpa'] = self.alpa(sim, view_labels)
+        weight = {'supcon': 1.0, 'ce': 1.0, 'alpa': self.args.lam if self.use_base else 1.0}
+        terms['loss'] = sum(weight[k] * v for k, v in terms.items())
+        return terms
+
+    def train_one_epoch(self, loader, epoch, global_step):
+        args = self.args
+        self.model.train()
+        if self.attention is not None:
+            self.attention.train()
+        totals, n_seen, t0 = {}, 0, time.perf_counter()
+        n_batches = len(loader) if args.max_steps is None else min(len(loader), args.max_steps)
+        bar = progress(loader, desc=f'epoch {epoch}/{args.epochs}', total=n_batches) if dist_lib.is_main() else loader
+        for idx, (images, labels) in enumerate(bar):
+            if args.max_steps is not None and idx >= args.max_steps:
+                break
+            images = torch.cat(images, 0) if isinstance(images, (list, tuple)) else images
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            warmup_learning_rate(args, epoch, idx, len(loader), self.optimizer)
+            terms = self.losses(images, labels)
+            loss = terms['loss']
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(epoch, idx, {k: v.item() for k, v in terms.items()})
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            bs = labels.shape[0] * dist_lib.world_size()
+            n_seen += bs
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.item() * bs
+            global_step += 1
+            if self.writer is not None and (idx + 1) % args.print_freq == 0:
+                lr = self.optimizer.param_groups[0]['lr']
+                for k, v in terms.items():
+                    self.writer.add_scalar(f"train/{k}", v.item(), global_step)
+                self.writer.add_scalar('train/lr', lr, global_step)
+                self.writer.add_scalar('train/images_per_s', n_seen / (time.perf_counter() - t0), global_step)
+            if hasattr(bar, 'set_postfix'):
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
+        elapsed = time.perf_counter() - t0
+        stats = {k: v / max(n_seen, 1) for k, v in totals.items()}
+        stats['images_per_s'] = n_seen / max(elapsed, 1e-9)
+        stats['lr'] = self.optimizer.param_groups[0]['lr']
+        return stats, global_step
+
+
+def _views_to_sup(out, bsz, world):
+    """Gathered [world·2B, D] (each rank: view1 block then view2 block) -> [world·B, 2, D]."""
+    d = out.shape[-1]
+    return out.reshape(world, 2, bsz, d).permute(0, 2, 1, 3).reshape(world * bsz, 2, d)
+
+
+def _repeat_labels(all_labels, bsz, views, world):
+    """Labels [world·B] -> per gathered row [world·views·B] in the same rank/view-major order."""
+    return all_labels.reshape(world, 1, bsz).expand(world, views, bsz).reshape(-1)
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch, step, terms):
+        super().__init__(f"loss became non-finite at epoch {epoch}, step {step} ({terms})")
+        self.epoch, self.step, self.terms = epoch, step, terms
+
+
+class TrainForward(nn.Module):
+    """One module whose forward returns (last-stage map, head output), so DDP sees every
+    parameter used in the step."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        fmap = self.net.forward_features(x)
+        return fmap, self.net.forward_head(fmap)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def id_accuracy(args, model, spec, device, k=20):
+    """ID test accuracy: the classifier for CE models, a cosine kNN vote on global features
+    (k neighbours from the training set, weighted by similarity) for SupCon models."""
+    transform = data_lib.test_transform(spec)
+    make = lambda split: torch.utils.data.DataLoader(
+        build_train_dataset(args, spec, transform, split), batch_size=256, shuffle=False,
+        num_workers=args.num_workers, collate_fn=data_lib.collate_skip_none)
+    test = collect_features(model, make('test'), device, with_logits=hasattr(model, 'fc'))
+    out = {}
+    if 'logits' in test:
+        out['classifier'] = float((test['logits'].argmax(1) == test['labels']).mean())
+    if k:
+        train = collect_features(model, make('train'), device, with_logits=False)
+        bank = torch.from_numpy(l2_normalize(train['features'][:, 4]))
+        bank_labels = torch.from_numpy(train['labels'])
+        q = torch.from_numpy(l2_normalize(test['features'][:, 4]))
+        correct = 0
+        for s in range(0, len(q), 1024):
+            sim = q[s:s + 1024] @ bank.T
+            w, idx = sim.topk(min(k, len(bank)), dim=1)
+            votes = torch.zeros(len(w), spec.num_classes).scatter_add_(1, bank_labels[idx], w.exp())
+            correct += int((votes.argmax(1) == torch.from_numpy(test['labels'][s:s + 1024])).sum())
+        out[f'knn{k}'] = correct / len(q)
+    return out
+
+
+# ---------------------------------------------------------------- the run
+def run(args, loss):
+    args = finalize_args(args, loss)
+    device = dist_lib.init_from_env(args.device)
+    set_seed(args.seed + dist_lib.rank())
+    spec = resolve_spec(args)
+    two_views = loss == 'supcon' or args.alpa_train or args.alpa_finetune
+    dataset = build_train_dataset(args, spec, data_lib.train_transform(spec, two_crop=two_views))
+    world = dist_lib.world_size()
+    if args.batch_size % world:
+        raise UserError(f'--batch_size {args.batch_size} must be divisible by the {world} processes')
+    local_bs = args.batch_size // world
+    if len(dataset) < args.batch_size:
+        raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(dataset)} images)')
+    sampler = (torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
+               if world > 1 else None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=local_bs, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=args.num_workers, pin_memory=device.type == 'cuda', persistent_workers=False)
+
+    net = build_model(f'{args.model}-{loss}', num_classes=spec.num_classes, in_channel=spec.channels,
+                      feat_dim=getattr(args, 'feat_dim', 128), width=args.width)
+    attention = None
+    if args.alpa_train or args.alpa_finetune:
+        attention = AttentionSimilarity(net.encoder.out_dim, args.inner_size, args.aggregation,
+                                        drop_prob=args.drop_prob)
+    if args.alpa_finetune:
+        ck = read_checkpoint(args.ckp)
+        load_weights(net, ck['model'], path=args.ckp)
+        if ck['attention']:
+            load_weights(attention, ck['attention'], path=args.ckp + ' (attention)')
+    net.to(device)
+    if attention is not None:
+        attention.to(device)
+    params = list(net.parameters()) + (list(attention.parameters()) if attention is not None else [])
+    optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == 'cuda'
+                                  and not torch.cuda.is_bf16_supported())
+
+    start_epoch, global_step = 1, 0
+    last_path = os.path.join(args.run_dir, 'last.pth')
+    resume = last_path if args.resume == 'auto' else args.resume
+    if resume == last_path and args.resume == 'auto' and not os.path.exists(last_path):
+        resume = None  # 'auto' on a fresh run folder starts from scratch
+    if resume:
+        ck = read_checkpoint(resume)
+        raw = ck['raw']
+        load_weights(net, ck['model'], path=resume)
+        if attention is not None:
+            if not ck['attention']:
+                raise UserError(f"{resume} has no ALPA attention weights, but this run trains with ALPA")
+            load_weights(attention, ck['attention'], path=resume)
+        optimizer.load_state_dict(raw['optimizer'])
+        if raw.get('scaler'):
+            scaler.load_state_dict(raw['scaler'])
+        start_epoch = int(raw['epoch']) + 1
+        global_step = int(raw.get('global_step', 0))
+        if 'rng' in raw:
+            set_rng_state(raw['rng'][min(dist_lib.rank(), len(raw['rng']) - 1)]
+                          if isinstance(raw['rng'], list) else raw['rng'])
+        if dist_lib.is_main():
+            print(f"resumed from {resume} at epoch {start_epoch}")
+
+    forward = TrainForward(net)
+    att = attention
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                      find_unused_parameters=args.alpa_finetune)
+        if attention is not None:
+            att = nn.parallel.DistributedDataParallel(attention, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    writer = None
+    if dist_lib.is_main():
+        os.makedirs(args.run_dir, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.run_dir, 'tb'))
+        mode = 'ALPA-finetune' if args.alpa_finetune else ('ALPA-train' if args.alpa_train else 'Base')
+        print(f"{mode} {loss} | {spec.name} {len(dataset)} images | {args.model} w{args.width} | "
+              f"{device} x{world} | run folder {args.run_dir}")
+    trainer = Trainer(args, forward, att, optimizer, device, scaler, writer)
+
+    def checkpoint(epoch):
+        state = {'model': net.state_dict(), 'attention': attention.state_dict() if attention is not None else None,
+                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
+                 'global_step': global_step, 'opt': plain_args(args), 'arch': arch_record(args, spec),
+                 'rng': rng_state()}
+        return state
+
+    stats = {}
+    for epoch in range(start_epoch, args.epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        adjust_learning_rate(args, optimizer, epoch)
+        try:
+            stats, global_step = trainer.train_one_epoch(loader, epoch, global_step)
+        except NonFiniteLoss as e:
+            kept = last_path if os.path.exists(last_path) else 'none written yet'
+            raise UserError(f"{e}; stopped, last good checkpoint: {kept}. Lower --learning_rate or drop --amp") from None
+        if dist_lib.is_main():
+            print(f"epoch {epoch}: " + ', '.join(f"{k} {v:.4f}" for k, v in stats.items()))
+            for k, v in stats.items():
+                writer.add_scalar(f'epoch/{k}', v, epoch)
+            state = checkpoint(epoch)
+            save_checkpoint(state, last_path)
+            if args.save_freq and epoch % args.save_freq == 0:
+                save_checkpoint(state, os.path.join(args.run_dir, f'ckpt_epoch_{epoch}.pth'))
+    result = {'run_dir': args.run_dir, 'last': last_path, 'stats': stats}
+    if dist_lib.is_main():
+        writer.flush()
+        if args.eval_knn is not None and args.eval_knn >= 0 and start_epoch <= args.epochs and spec.name != 'path':
+            acc = id_accuracy(args, net, spec, device, k=args.eval_knn)
+            print('ID test accuracy: ' + ', '.join(f"{k} {100 * v:.2f}%" for k, v in acc.items()))
+            result['accuracy'] = acc
+            for k, v in acc.items():
+                writer.add_scalar(f'eval/acc_{k}', v, args.epochs)
+        writer.close()
+    return result

@@ -1,0 +1,31 @@
+"""Cross-entropy baseline, and ALPA-train / ALPA-finetune with a CE backbone (the * rows).
+
+    Base:           python ALPA/main_ce.py --batch_size 256 --learning_rate 0.2 --cosine
+    ALPA-train:     python ALPA/main_ce.py --batch_size 128 --learning_rate 0.2 --cosine --alpa_train
+    ALPA-finetune:  python ALPA/main_ce.py --batch_size 128 --learning_rate 0.1 --cosine \
+                        --alpa_finetune --ckp save/SupCE/cifar10_models/<base run>/last.pth
+
+Multi-GPU: torchrun --nproc_per_node=N ALPA/main_ce.py ... (--batch_size is the global batch).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ''):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python ALPA/main_ce.py`
+
+from ALPA.engine import add_train_args, run
+from util.errors import run_cli
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MODE training (ce)', add_help=True)
+    return add_train_args(parser, 'ce')
+
+
+def main(args):
+    return run(args, 'ce')
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser().parse_args())
