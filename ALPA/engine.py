@@ -129,6 +129,12 @@ def run_folder_name(args, loss):
     name += f"_trial_{args.trial}"
     if args.width != 64:
         name += f"_w{args.width}"
+    if args.id_classes:
+        name += "_ids" + "-".join(map(str, args.id_classes))
+    if args.seed:
+        name += f"_seed{args.seed}"
+    if args.max_steps:
+        name += f"_steps{args.max_steps}"
     if args.alpa_train:
         name += f"_alpatrain_lam_{args.lam}_ts_{args.temperature_s}_{args.aggregation}"
     if args.alpa_finetune:

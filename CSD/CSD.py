@@ -46,8 +46,10 @@ def score_splits(splits, method, k, device, ood_names):
 
 
 def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False):
+    """-> ({ood: metrics}, (ID scores, {ood: scores}))."""
     id_scores, ood_scores = score_splits(splits, method, k, device, ood_names)
-    return {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
+    metrics = {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
+    return metrics, (id_scores, ood_scores)
 
 
 def main(args):
@@ -64,11 +66,11 @@ def main(args):
         raise UserError('no OOD sets to score: pass --out-datasets')
     columns = TABLE_COLUMNS + (('AUOUT',) if args.auout else ()) + (('FPR_OODpos',) if args.ood_positive_fpr else ())
     out_dir = Path(args.output_dir) / spec.name / run_name(args)
-    all_results = {}
+    all_results, all_scores = {}, {}
     for method, k in zip(methods, ks):
         k = k or DEFAULT_K[method]
         t0 = time.perf_counter()
-        results = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr)
+        results, scores = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr)
         title = (f"{method.upper()} (k={k}) | ID {spec.name} | {info['arch']} | {run_name(args)} "
                  f"| bank {splits['train']['features'].shape[0]} images | {time.perf_counter() - t0:.1f}s")
         print()
@@ -79,7 +81,8 @@ def main(args):
         files = write_results(results, str(out_dir / f'{method}_k{k}'), columns, meta)
         print(f"written: {', '.join(files)}")
         all_results[method] = results
-    return all_results
+        all_scores[method] = scores
+    return {'results': all_results, 'scores': all_scores, 'splits': splits, 'out_dir': str(out_dir)}
 
 
 if __name__ == '__main__':

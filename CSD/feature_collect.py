@@ -144,7 +144,7 @@ def write_split(path, result, meta):
     tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    arrays = [p for p in ('features', 'labels', 'logits') if p in result]
+    arrays = [p for p in ('features', 'labels', 'logits', 'indices') if p in result]
     for part in arrays:
         np.save(tmp / f'{part}.npy', result[part])
     meta = dict(meta, arrays=arrays, n=int(result['n']), skipped=int(result['skipped']))
@@ -175,6 +175,7 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
             log(f"[cache] {split}: {cached['meta']['n']} images from {path}")
             splits[_split_label(split)] = cached
             continue
+        keep = None
         if split in ('train', 'test'):
             dataset = data_lib.get_id_dataset(spec.name, args.data_root, split, transform, id_classes,
                                               download=args.download)
@@ -190,6 +191,8 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
             persistent_workers=False)
         result = collect_features(model, loader, device,
                                   progress=lambda it, s=split: progress(it, desc=f'features {s}'))
+        if keep is not None:
+            result['indices'] = keep  # rows of the bank -> images of the training set
         if result['skipped']:
             log(f"[warn] {split}: skipped {result['skipped']} of {len(dataset)} unreadable files")
         write_split(path, result, {'split': split, 'in_dataset': spec.name, 'arch': info['arch'],

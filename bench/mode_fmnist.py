@@ -1,0 +1,216 @@
+"""MODE on real data this machine has: Fashion-MNIST, open-set protocol, CPU-sized.
+
+    python bench/mode_fmnist.py --seeds 0 --figures          # the main job (demo.sh), one seed
+    python bench/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
+
+ID = Fashion-MNIST classes 0-5 (T-shirt, trouser, pullover, dress, coat, sandal); OOD =
+the held-out classes 6-9 (near OOD: shirt, sneaker, bag, ankle boot) and far OOD: sklearn's
+digits, Gaussian and uniform noise. For each seed it trains
+    Base           SupCon from scratch,
+    ALPA-finetune  ALPA alone, starting from Base (MODE-F),
+    ALPA-train     SupCon + ALPA from scratch (MODE-T),
+collects multi-scale features and scores them with KNN (global, k=50) and CSD (6 scales,
+k=10). k and every other knob are the paper's defaults or fixed before looking at any
+result here; nothing is tuned on the OOD sets that are reported.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+FMNIST_CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot']
+NEAR, FAR = ['fashion-mnist-heldout'], ['digits', 'gaussian', 'uniform']
+MODELS = ['Base', 'ALPA-finetune', 'ALPA-train']
+METHODS = ['knn', 'csd']
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('MODE Fashion-MNIST protocol')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0], help='training seeds (default 0)')
+    p.add_argument('--id-classes', type=int, nargs='+', default=[0, 1, 2, 3, 4, 5], help='ID classes (default 0-5)')
+    p.add_argument('--model', default='resnet18', help='CIFAR-style encoder (default resnet18)')
+    p.add_argument('--width', type=int, default=16, help='ResNet base width, 64 in the paper (default 16 for CPU)')
+    p.add_argument('--batch-size', type=int, default=128, help='images per step, 2 views each (default 128)')
+    p.add_argument('--epochs', type=int, default=4, help='Base and ALPA-train epochs (default 4)')
+    p.add_argument('--steps-per-epoch', type=int, default=40, help='steps per epoch, a random part of the 36k images (default 40)')
+    p.add_argument('--finetune-epochs', type=int, default=2, help='ALPA-finetune epochs (default 2)')
+    p.add_argument('--lr', type=float, default=0.1, help='Base / ALPA-train learning rate (default 0.1)')
+    p.add_argument('--finetune-lr', type=float, default=0.02, help='ALPA-finetune learning rate (default 0.02)')
+    p.add_argument('--max-train', type=int, default=6000, help='ID training images in the k-NN bank (default 6000)')
+    p.add_argument('--data-root', default='datasets', help='data root (default ./datasets)')
+    p.add_argument('--out-dir', default='runs/fmnist', help='checkpoints, caches, tables, figures (default ./runs/fmnist)')
+    p.add_argument('--device', default=None, help='cpu or cuda (default cuda when present)')
+    p.add_argument('--num-workers', type=int, default=2, help='data-loading workers (default 2)')
+    p.add_argument('--figures', action='store_true', help='also draw histograms, ROC, t-SNE and k-NN grids (first seed)')
+    p.add_argument('--download', action='store_true', help='let torchvision download Fashion-MNIST if missing')
+    return p
+
+
+def train(args, seed, mode, base_ckp=None):
+    from ALPA import main_supcon
+    argv = ['--dataset', 'fashion-mnist', '--data_folder', args.data_root, '--id_classes', *map(str, args.id_classes),
+            '--model', args.model, '--width', str(args.width), '--batch_size', str(args.batch_size),
+            '--max_steps', str(args.steps_per_epoch), '--num_workers', str(args.num_workers), '--cosine',
+            '--temp', '0.1', '--seed', str(seed), '--save_folder', os.path.join(args.out_dir, f'seed{seed}', mode),
+            '--save_freq', '0', '--eval_knn', '20' if mode == 'Base' else '-1', '--resume', 'auto']
+    if args.device:
+        argv += ['--device', args.device]
+    if args.download:
+        argv += ['--download']
+    if mode == 'ALPA-finetune':
+        argv += ['--alpa_finetune', '--ckp', base_ckp, '--epochs', str(args.finetune_epochs),
+                 '--learning_rate', str(args.finetune_lr)]
+    else:
+        argv += ['--epochs', str(args.epochs), '--learning_rate', str(args.lr)]
+        if mode == 'ALPA-train':
+            argv += ['--alpa_train']
+    return main_supcon.main(main_supcon.get_args_parser().parse_args(argv))
+
+
+def score(args, seed, mode, ckp):
+    from CSD import CSD as csd_cli
+    argv = ['--in-dataset', 'fashion-mnist', '--ckp', ckp, '--name', f'seed{seed}-{mode}', '--data-root', args.data_root,
+            '--cache-dir', os.path.join(args.out_dir, 'cache'), '--output-dir', os.path.join(args.out_dir, 'results'),
+            '--num-workers', str(args.num_workers), '--max-train', str(args.max_train),
+            '--out-datasets', *NEAR, *FAR, '--method', *METHODS]
+    if args.device:
+        argv += ['--device', args.device]
+    return csd_cli.main(csd_cli.get_args_parser().parse_args(argv))
+
+
+def summary_rows(per_seed):
+    """per_seed[seed][model][method][ood] = metrics -> rows of mean ± std (×100)."""
+    rows = []
+    for model in MODELS:
+        for method in METHODS:
+            cells = {}
+            for group, names in (('near', NEAR), ('far', FAR)):
+                for metric in ('FPR', 'AUROC'):
+                    vals = [100 * float(np.mean([per_seed[s][model][method][n][metric] for n in names])) for s in per_seed]
+                    cells[f'{group} {metric}'] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            rows.append((model, method, cells))
+    return rows
+
+
+def format_summary(rows, n_seeds):
+    cols = ['near FPR', 'near AUROC', 'far FPR', 'far AUROC']
+    head = f"{'model':<14} {'score':<5} " + ' '.join(f'{c:>15}' for c in cols)
+    lines = [f"Fashion-MNIST, ID classes 0-5, mean ± std over {n_seeds} seed(s), ×100 "
+             f"(near = held-out classes 6-9; far = mean of digits, gaussian, uniform)", head]
+    md = ['| model | score | ' + ' | '.join(cols) + ' |', '|---|---|' + '---:|' * len(cols)]
+    for model, method, cells in rows:
+        lines.append(f"{model:<14} {method:<5} " + ' '.join(f"{cells[c][0]:>8.2f} ± {cells[c][1]:<4.2f}" for c in cols))
+        md.append(f"| {model} | {method} | " + ' | '.join(f"{cells[c][0]:.2f} ± {cells[c][1]:.2f}" for c in cols) + ' |')
+    return '\n'.join(lines), '\n'.join(md) + '\n'
+
+
+def draw_figures(args, seed, scored, out):
+    """Histograms and ROC per model, t-SNE Base vs ALPA, k-NN retrieval grid."""
+    from CSD.visualize import plot_knn_grid, plot_roc, plot_score_histograms, plot_tsne
+    from util import data as data_lib
+    from util.features import SCALES, l2_normalize
+    paths = []
+    for model, res in scored.items():
+        for method in METHODS:
+            ids, oods = res['scores'][method]
+            paths.append(plot_score_histograms(ids, oods, os.path.join(out, f'hist_{model}_{method}.png'),
+                                               f'{model}, {method.upper()} scores: ID test vs each OOD set (seed {seed})'))
+        curves = {n: {m.upper(): (res['scores'][m][0], res['scores'][m][1][n]) for m in METHODS}
+                  for n in res['scores']['knn'][1]}
+        paths.append(plot_roc(curves, os.path.join(out, f'roc_{model}.png'), f'{model}: ROC, ID = positive (seed {seed})'))
+    # t-SNE: the same 1,200 ID test images + 300 held-out + 300 digits, global vectors
+    rng = np.random.default_rng(0)
+    panels = {}
+    pick = None
+    for model in ('Base', 'ALPA-finetune', 'ALPA-train'):
+        sp = scored[model]['splits']
+        if pick is None:
+            pick = {n: rng.choice(sp[n]['features'].shape[0], size, replace=False)
+                    for n, size in (('test', 1200), ('fashion-mnist-heldout', 300), ('digits', 300))}
+        feats = np.concatenate([l2_normalize(np.asarray(sp[n]['features'][np.sort(pick[n]), 4])) for n in pick])
+        labels = np.concatenate([np.asarray(sp['test']['labels'])[np.sort(pick['test'])],
+                                 -np.ones(300, int), -2 * np.ones(300, int)])
+        panels[model] = (feats, labels)
+    names = {i: FMNIST_CLASSES[c] for i, c in enumerate(args.id_classes)}
+    paths.append(plot_tsne(panels, os.path.join(out, 'tsne.png'),
+                           'Global features (t-SNE): ID test classes vs OOD', class_names=names))
+    # k-NN retrieval: queries from ID test and held-out; neighbours by the global vector
+    # (KNN) and by the scale that decides the CSD score
+    spec = data_lib.get_spec('fashion-mnist')
+    train_imgs = data_lib.get_id_dataset('fashion-mnist', args.data_root, 'train', None, args.id_classes)
+    test_imgs = data_lib.get_id_dataset('fashion-mnist', args.data_root, 'test', None, args.id_classes)
+    held = data_lib.get_ood_dataset('fashion-mnist-heldout', args.data_root, spec, None, args.id_classes)
+    for model in ('Base', 'ALPA-finetune'):
+        sp = scored[model]['splits']
+        bank = l2_normalize(np.asarray(sp['train']['features']))           # [N, 6, C]
+        bank_idx = np.asarray(sp['train']['indices']) if 'indices' in sp['train'] else np.arange(len(bank))
+        flat = bank.reshape(-1, bank.shape[-1])
+        rows = []
+        for split, ds, idxs in (('test', test_imgs, [0, 1, 2]), ('fashion-mnist-heldout', held, [0, 1, 2])):
+            q_all = l2_normalize(np.asarray(sp[split]['features']))
+            for i in idxs:
+                q = q_all[i]                                                  # [6, C]
+                g = np.argsort(-(bank[:, 4] @ q[4]))[:5]
+                sims = flat @ q.T                                             # [N·6, 6]
+                kth = np.sort(sims, axis=0)[-10]                              # 10-th neighbour per scale
+                s_best = int(np.argmax(kth))
+                loc = np.argsort(-sims[:, s_best])[:5]
+                lab = lambda ds_, j: FMNIST_CLASSES[args.id_classes[int(ds_[j][1])]] if ds_ is train_imgs else ''
+                rows.append({
+                    'query': np.asarray(ds[i][0]), 'query_label': 'ID' if split == 'test' else 'OOD',
+                    'groups': [('KNN: global', [(np.asarray(train_imgs[bank_idx[j]][0]), lab(train_imgs, bank_idx[j]))
+                                                for j in g]),
+                               (f'CSD: {SCALES[s_best]}', [(np.asarray(train_imgs[bank_idx[j // 6]][0]),
+                                                            f'{lab(train_imgs, bank_idx[j // 6])} {SCALES[j % 6]}')
+                                                           for j in loc])]})
+        paths.append(plot_knn_grid(rows, os.path.join(out, f'knn_grid_{model}.png'),
+                                   f'{model}: 5 nearest training images, global (KNN) vs CSD\'s deciding scale'))
+    return paths
+
+
+def main(args):
+    from util.metrics import format_table
+    t_start = time.perf_counter()
+    per_seed, timings = {}, {}
+    for seed in args.seeds:
+        per_seed[seed], scored = {}, {}
+        t0 = time.perf_counter()
+        base = train(args, seed, 'Base')
+        timings[f'seed{seed} train Base'] = time.perf_counter() - t0
+        ckps = {'Base': base['last']}
+        for mode in ('ALPA-finetune', 'ALPA-train'):
+            t0 = time.perf_counter()
+            ckps[mode] = train(args, seed, mode, base_ckp=base['last'])['last']
+            timings[f'seed{seed} train {mode}'] = time.perf_counter() - t0
+        for mode, ckp in ckps.items():
+            t0 = time.perf_counter()
+            scored[mode] = score(args, seed, mode, ckp)
+            per_seed[seed][mode] = scored[mode]['results']
+            timings[f'seed{seed} features+scores {mode}'] = time.perf_counter() - t0
+        if args.figures and seed == args.seeds[0]:
+            t0 = time.perf_counter()
+            paths = draw_figures(args, seed, scored, os.path.join(args.out_dir, 'figures'))
+            timings['figures'] = time.perf_counter() - t0
+            print('\nfigures:\n  ' + '\n  '.join(paths))
+    text, md = format_summary(summary_rows(per_seed), len(args.seeds))
+    print('\n' + text)
+    os.makedirs(args.out_dir, exist_ok=True)
+    (Path(args.out_dir) / 'summary.md').write_text(md)
+    (Path(args.out_dir) / 'summary.json').write_text(json.dumps(
+        {'args': vars(args), 'per_seed': per_seed, 'timings_s': timings}, indent=2, default=str))
+    total = time.perf_counter() - t_start
+    print(f"\ntotal {total / 60:.1f} min; " + ', '.join(f'{k} {v:.0f}s' for k, v in timings.items()))
+    print(f"written: {args.out_dir}/summary.md, summary.json, results/, figures/")
+    return per_seed
+
+
+if __name__ == '__main__':
+    from util.errors import run_cli
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny data root in the authors' layout, written once per session."""
+import os
+
+import pytest
+import torch
+
+from tests.fixtures import write_cifar10, write_image_folder, write_svhn_mat
+
+os.environ.setdefault('MODE_NO_PROGRESS', '1')
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope='session')
+def data_root(tmp_path_factory):
+    """datasets/ with CIFAR-10 (4 train + 2 test images per class), the selected SVHN subset,
+    dtd/images (nested) and places365/test_subset, plus a free-standing image folder."""
+    root = tmp_path_factory.mktemp('datasets')
+    write_cifar10(str(root), n_per_class=4, n_test_per_class=2)
+    write_svhn_mat(str(root / 'ood_data' / 'svhn' / 'selected_test_32x32.mat'), n=12)
+    write_image_folder(str(root / 'ood_data' / 'dtd' / 'images'), 10, size=48, nested=True, ext='jpg')
+    write_image_folder(str(root / 'ood_data' / 'places365' / 'test_subset'), 8, size=40, nested=True)
+    write_image_folder(str(root / 'my_ood_folder'), 6, size=32)
+    return root

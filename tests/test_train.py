@@ -1,0 +1,92 @@
+"""Training end to end on fixture CIFAR-10: every mode with SupCon and CE, resume, DDP."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ALPA import main_ce, main_supcon
+from CSD import feature_collect
+from util.checkpoint import read_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {'supcon': main_supcon, 'ce': main_ce}
+
+
+def train_args(script, data_root, save, *extra):
+    return SCRIPTS[script].get_args_parser().parse_args([
+        '--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '4',
+        '--batch_size', '8', '--epochs', '1', '--learning_rate', '0.05', '--num_workers', '0',
+        '--save_folder', str(save), '--device', 'cpu', '--eval_knn', '5', '--inner_size', '8', *extra])
+
+
+@pytest.fixture(scope='module')
+def base_ckpts(data_root, tmp_path_factory):
+    save = tmp_path_factory.mktemp('save')
+    return {s: SCRIPTS[s].main(train_args(s, data_root, save))['last'] for s in SCRIPTS}
+
+
+def collect(data_root, tmp_path, ckp):
+    args = feature_collect.get_args_parser().parse_args([
+        '--in-dataset', 'CIFAR-10', '--ckp', ckp, '--data-root', str(data_root), '--cache-dir', str(tmp_path / 'c'),
+        '--num-workers', '0', '--device', 'cpu', '--out-datasets', 'SVHN'])
+    return feature_collect.main(args)
+
+
+@pytest.mark.parametrize('script', ['supcon', 'ce'])
+@pytest.mark.parametrize('mode', ['base', 'alpa_train', 'alpa_finetune'])
+def test_every_mode_trains_and_is_readable(script, mode, data_root, tmp_path, base_ckpts):
+    extra = {'base': [], 'alpa_train': ['--alpa_train'],
+             'alpa_finetune': ['--alpa_finetune', '--ckp', base_ckpts[script]]}[mode]
+    if mode == 'base':
+        last = base_ckpts[script]
+    else:
+        out = SCRIPTS[script].main(train_args(script, data_root, tmp_path, *extra))
+        last = out['last']
+        assert 'alpa' in out['stats'] and torch.isfinite(torch.tensor(out['stats']['alpa']))
+        assert ('supcon' in out['stats'] or 'ce' in out['stats']) == (mode == 'alpa_train')
+    ck = read_checkpoint(last)
+    assert ck['epoch'] == 1 and ck['arch']['model_arch'] == f'resnet18-{script}'
+    assert (ck['attention'] is not None) == (mode != 'base')
+    if ck['attention']:
+        assert set(ck['attention']) == {f'{p}.{i}.weight' for p in ('query', 'key', 'value') for i in (0, 2)}
+    # read back by the test-time side with no --model-arch: the checkpoint records it
+    splits = collect(data_root, tmp_path, last)
+    assert splits['train']['features'].shape == (40, 6, 32)
+    assert ('logits' in splits['test']) == (script == 'ce')
+
+
+def test_finetune_starts_from_checkpoint(data_root, tmp_path, base_ckpts):
+    out = main_supcon.main(train_args('supcon', data_root, tmp_path, '--alpa_finetune', '--ckp', base_ckpts['supcon'],
+                                      '--learning_rate', '0'))   # lr 0: weights must stay those of --ckp
+    a, b = read_checkpoint(base_ckpts['supcon'])['model'], read_checkpoint(out['last'])['model']
+    assert all(torch.equal(a[k], b[k]) for k in a if 'num_batches_tracked' not in k and 'running' not in k)
+
+
+def test_resume_is_exact(data_root, tmp_path):
+    straight = main_supcon.main(train_args('supcon', data_root, tmp_path / 'a', '--epochs', '2', '--alpa_train',
+                                           '--eval_knn', '-1'))
+    main_supcon.main(train_args('supcon', data_root, tmp_path / 'b', '--epochs', '1', '--alpa_train', '--eval_knn', '-1'))
+    resumed = main_supcon.main(train_args('supcon', data_root, tmp_path / 'b', '--epochs', '2', '--alpa_train',
+                                          '--resume', 'auto', '--eval_knn', '-1'))
+    a, b = read_checkpoint(straight['last']), read_checkpoint(resumed['last'])
+    assert a['epoch'] == b['epoch'] == 2
+    for part in ('model', 'attention'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f'{part}.{k}'
+
+
+def test_cli_runs_and_bad_flags_are_one_line(data_root, tmp_path):
+    script = os.path.join(REPO, 'ALPA', 'main_ce.py')
+    common = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--width', '4', '--batch_size', '8',
+              '--epochs', '1', '--num_workers', '0', '--save_folder', str(tmp_path), '--device', 'cpu', '--eval_knn', '0']
+    proc = subprocess.run([sys.executable, script, *common], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'epoch 1:' in proc.stdout and 'ID test accuracy: classifier' in proc.stdout
+    proc = subprocess.run([sys.executable, script, *common, '--alpa_finetune'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        'error: --alpa_finetune needs --ckp PATH (the trained checkpoint to fine-tune)'
+    proc = subprocess.run([sys.executable, script, *common[:3], str(tmp_path / 'nothing'), *common[4:]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and 'cifar-10-batches-py' in proc.stderr and 'Traceback' not in proc.stderr
