@@ -84,7 +84,9 @@ def add_train_args(parser, loss):
     p.add_argument('--save_folder', type=str, default='save', help='runs are written under this folder (default ./save)')
     p.add_argument('--max_steps', type=int, default=None, help='stop each epoch after this many steps (smoke tests)')
     p.add_argument('--eval_knn', type=int, default=20,
-                   help='k of the kNN classifier for ID accuracy at the end (0 = skip; default 20)')
+                   help='k of the kNN classifier for ID accuracy at the end (0: classifier only, -1: no evaluation; default 20)')
+    p.add_argument('--eval_max_train', type=int, default=None,
+                   help='kNN accuracy: use a seeded subset of this many training images as neighbours (default all)')
     return p
 
 
@@ -353,7 +355,14 @@ def id_accuracy(args, model, spec, device, k=20):
     if 'logits' in test:
         out['classifier'] = float((test['logits'].argmax(1) == test['labels']).mean())
     if k:
-        train = collect_features(model, make('train'), device, with_logits=False)
+        train_loader = make('train')
+        n_train = len(train_loader.dataset)
+        if args.eval_max_train and args.eval_max_train < n_train:
+            keep = np.sort(np.random.default_rng(0).choice(n_train, args.eval_max_train, replace=False))
+            train_loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(train_loader.dataset, keep.tolist()), batch_size=256, shuffle=False,
+                num_workers=args.num_workers, collate_fn=data_lib.collate_skip_none)
+        train = collect_features(model, train_loader, device, with_logits=False)
         bank = torch.from_numpy(l2_normalize(train['features'][:, 4]))
         bank_labels = torch.from_numpy(train['labels'])
         q = torch.from_numpy(l2_normalize(test['features'][:, 4]))

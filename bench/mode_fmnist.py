@@ -59,7 +59,8 @@ def train(args, seed, mode, base_ckp=None):
             '--model', args.model, '--width', str(args.width), '--batch_size', str(args.batch_size),
             '--max_steps', str(args.steps_per_epoch), '--num_workers', str(args.num_workers), '--cosine',
             '--temp', '0.1', '--seed', str(seed), '--save_folder', os.path.join(args.out_dir, f'seed{seed}', mode),
-            '--save_freq', '0', '--eval_knn', '20' if mode == 'Base' else '-1', '--resume', 'auto']
+            '--save_freq', '0', '--eval_knn', '20' if mode == 'Base' else '-1', '--eval_max_train', str(args.max_train),
+            '--resume', 'auto']
     if args.device:
         argv += ['--device', args.device]
     if args.download:
@@ -164,10 +165,11 @@ def draw_figures(args, seed, scored, out):
                 loc = np.argsort(-sims[:, s_best])[:5]
                 lab = lambda ds_, j: FMNIST_CLASSES[args.id_classes[int(ds_[j][1])]] if ds_ is train_imgs else ''
                 rows.append({
-                    'query': np.asarray(ds[i][0]), 'query_label': 'ID' if split == 'test' else 'OOD',
+                    'query': np.asarray(ds[i][0]),
+                    'query_label': f"{'ID' if split == 'test' else 'OOD'}, CSD uses {SCALES[s_best]}",
                     'groups': [('KNN: global', [(np.asarray(train_imgs[bank_idx[j]][0]), lab(train_imgs, bank_idx[j]))
                                                 for j in g]),
-                               (f'CSD: {SCALES[s_best]}', [(np.asarray(train_imgs[bank_idx[j // 6]][0]),
+                               ('CSD: its deciding scale', [(np.asarray(train_imgs[bank_idx[j // 6]][0]),
                                                             f'{lab(train_imgs, bank_idx[j // 6])} {SCALES[j % 6]}')
                                                            for j in loc])]})
         paths.append(plot_knn_grid(rows, os.path.join(out, f'knn_grid_{model}.png'),
