@@ -6,9 +6,10 @@
 One forward pass per split; the vectors (PAPER §2 order: q00 q01 q10 q11 global center,
 not normalised), labels and, for models with a classifier, logits are cached under
 ``cache/<in-dataset>/<name>/<split>-<key>/``. The key hashes the checkpoint's bytes, the
-architecture, the dataset and split, the transform and the scales, so a cache made from
-anything else is never reused; it is written to a temporary folder and renamed, so an
-interrupted run never leaves a half-written cache that a later run would read.
+architecture, the dataset and split, where its images are read from (``--data-root`` or the
+folder), the transform and the scales, so a cache made from anything else is never reused;
+it is written to a temporary folder and renamed, so an interrupted run never leaves a
+half-written cache that a later run would read (a damaged one is recomputed).
 """
 import argparse
 import hashlib
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ''):
@@ -114,10 +116,13 @@ def load_model(ckp, model_arch=None, spec=None):
 
 
 # ---------------------------------------------------------------- cache
-def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train):
+def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train, source=None):
+    """``source``: where the split's images are read from (the absolute data root, or the
+    image folder itself), so the same names under another ``--data-root`` do not hit."""
     payload = json.dumps({'ckp': ckp_hash, 'arch': arch, 'in': in_dataset, 'split': split,
                           'transform': repr(transform), 'scales': SCALES, 'v': FEATURE_VERSION,
-                          'id_classes': id_classes, 'max_train': max_train if split == 'train' else None},
+                          'id_classes': id_classes, 'max_train': max_train if split == 'train' else None,
+                          'source': source},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -128,14 +133,19 @@ def split_dir(cache_root, in_dataset, name, split, key):
 
 
 def load_split(path):
-    """Read a finished cache folder (memory-mapped) or return None."""
+    """Read a finished cache folder (memory-mapped), or return None when there is none or
+    it is damaged (a file missing or cut short): the caller then recomputes it."""
     meta_file = path / 'meta.json'
     if not meta_file.is_file():
         return None
-    meta = json.loads(meta_file.read_text())
-    out = {'meta': meta}
-    for part in meta['arrays']:
-        out[part] = np.load(path / f'{part}.npy', mmap_mode='r')
+    try:
+        meta = json.loads(meta_file.read_text())
+        out = {'meta': meta}
+        for part in meta['arrays']:
+            out[part] = np.load(path / f'{part}.npy', mmap_mode='r')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"ignoring damaged feature cache {path} ({type(e).__name__}: {e}); recomputing")
+        return None
     return out
 
 
@@ -149,9 +159,14 @@ def write_split(path, result, meta):
         np.save(tmp / f'{part}.npy', result[part])
     meta = dict(meta, arrays=arrays, n=int(result['n']), skipped=int(result['skipped']))
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
+    old = path.with_name(path.name + f'.old{os.getpid()}')
+    shutil.rmtree(old, ignore_errors=True)  # left by a killed run that had this pid
     if path.exists():
-        shutil.rmtree(path)
+        # Renamed aside, not deleted in place: a kill during a long rmtree would otherwise
+        # leave a meta.json beside missing arrays under the real name.
+        os.rename(path, old)
     os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_name(args):
@@ -166,9 +181,14 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
     ckp_hash = file_sha256(args.ckp)
     name = run_name(args)
     out_names = args.out_datasets if args.out_datasets is not None else default_ood(args.in_dataset, id_classes)
+    # Every OOD name is checked before the first forward pass: a typo in the last name should
+    # not cost the minutes of extracting the ID training features first.
+    folders = {n for n in out_names if data_lib.resolve_ood_name(n) not in data_lib.OOD_DATASETS}
+    data_root = os.path.abspath(args.data_root)
     splits = {}
     for split in ['train', 'test', *out_names]:
-        key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train)
+        source = os.path.abspath(split) if split in folders else data_root
+        key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source)
         path = split_dir(args.cache_dir, spec.name, name, _split_label(split), key)
         cached = None if force else load_split(path)
         if cached is not None:
@@ -185,6 +205,10 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
                 dataset = torch.utils.data.Subset(dataset, keep.tolist())
         else:
             dataset = data_lib.get_ood_dataset(split, args.data_root, spec, transform, id_classes)
+            ignored = getattr(dataset, 'ignored_files', [])
+            if ignored:
+                shown = ', '.join(os.path.basename(f) for f in ignored[:5]) + (' ...' if len(ignored) > 5 else '')
+                log(f"[warn] {split}: ignored {len(ignored)} non-image files ({shown})")
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
             pin_memory=device.type == 'cuda', collate_fn=data_lib.collate_skip_none,

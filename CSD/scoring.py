@@ -40,7 +40,7 @@ def _faiss_gpu_available():
 class ExactKNN:
     """Exact squared-L2 k-th neighbour distance against a fixed bank."""
 
-    def __init__(self, bank, device='cpu', query_chunk=65536):
+    def __init__(self, bank, device='cpu', query_chunk=16384):
         bank = np.ascontiguousarray(bank, dtype=np.float32)  # [N, D]
         self.n, self.dim = bank.shape
         self.device = torch.device(device)
@@ -68,7 +68,11 @@ class ExactKNN:
             raise UserError(f"--k {k} is out of range: the bank holds {self.n} vectors, so 1 <= k <= {self.n}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         out = np.empty(len(queries), dtype=np.float32)
-        for s in range(0, len(queries), self.query_chunk):
+        starts = range(0, len(queries), self.query_chunk)
+        if len(starts) > 2:  # long searches show progress; short ones stay quiet
+            from util.misc import progress
+            starts = progress(starts, desc=f'k-NN search ({len(queries)} queries x {self.n} bank)')
+        for s in starts:
             q = queries[s:s + self.query_chunk]
             if self.backend == 'torch':
                 out[s:s + len(q)] = self._torch_kth(q, k)

@@ -274,16 +274,19 @@ def _warn_skipped(skipped, folder):
         warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {shown}")
 
 
-def scan_images(folder):
+def scan_images(folder, skipped=None):
     """Sorted paths of the image files under ``folder``, searched recursively (flat or
-    with class subfolders). Other files are skipped with one warning naming them."""
-    paths, skipped = [], []
+    with class subfolders). Other files are skipped with one warning naming them, and
+    appended to ``skipped`` when a list is given (so a caller can count them in its summary)."""
+    paths, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
         for f in filenames:
             p = os.path.join(dirpath, f)
-            (paths if _is_image_file(f) else skipped).append(p)
-    _warn_skipped(sorted(skipped), folder)
+            (paths if _is_image_file(f) else others).append(p)
+    _warn_skipped(sorted(others), folder)
+    if skipped is not None:
+        skipped.extend(sorted(others))
     return sorted(paths)
 
 
@@ -517,6 +520,22 @@ def _unknown_ood(name):
                      f"{', '.join(OOD_DATASETS)}, or pass the path of an image folder")
 
 
+def resolve_ood_name(name):
+    """The canonical name of an OOD set (a key of ``OOD_DATASETS``; case, aliases and
+    ``<ID set>-heldout`` spellings resolved), or ``name`` itself when it is an existing
+    directory; otherwise a ``UserError`` listing the known names. Reads no data, so every
+    name can be checked before any work starts."""
+    key = str(name)
+    canonical = _OOD_LOOKUP.get(key.lower())
+    if canonical is not None:
+        return canonical
+    if key.lower().endswith('-heldout'):
+        return f"{get_spec(key[:-len('-heldout')]).name}-heldout"
+    if os.path.isdir(key):
+        return key
+    raise _unknown_ood(name)
+
+
 def _ood_path(root, rel):
     """``root/ood_data/rel``, its first folder matched case-insensitively when the exact
     spelling is absent (CSI ships ``Imagenet_fix``, the paper writes ``ImageNet_fix``)."""
@@ -555,10 +574,13 @@ def _folder_dataset(folder, name, transform, mode):
     if not os.path.isdir(folder):
         src = _OOD_FOLDERS[name][1] if name in _OOD_FOLDERS else 'see datasets/README.md'
         raise UserError(f"{name} not found at {folder}: download it ({src}) and extract it there")
-    paths = scan_images(folder)
+    ignored = []
+    paths = scan_images(folder, ignored)
     if not paths:
         raise UserError(f"no images in {folder}: put the {name} image files there (see datasets/README.md)")
-    return ImageFileDataset(paths, [-1] * len(paths), name, transform, mode)
+    ds = ImageFileDataset(paths, [-1] * len(paths), name, transform, mode)
+    ds.ignored_files = ignored  # non-image files left out at scan time, for the caller's summary
+    return ds
 
 
 def _load_digits():
@@ -577,15 +599,10 @@ def get_ood_dataset(name, root='datasets', spec=None, transform=None, id_classes
     default to RGB). ``id_classes`` is needed by ``-heldout`` sets; ``seed`` by
     gaussian/uniform."""
     spec = get_spec(spec) if spec is not None else None
-    key = str(name)
-    canonical = _OOD_LOOKUP.get(key.lower())
-    if canonical is None and key.lower().endswith('-heldout'):
-        return _heldout(key[:-len('-heldout')], root, spec, transform, id_classes)
+    canonical = resolve_ood_name(name)
     mode = spec.mode if spec is not None else 'RGB'
-    if canonical is None:
-        if os.path.isdir(key):
-            return _folder_dataset(key, os.path.basename(os.path.normpath(key)), transform, mode)
-        raise _unknown_ood(name)
+    if canonical not in OOD_DATASETS:  # an image folder given by path
+        return _folder_dataset(canonical, os.path.basename(os.path.normpath(canonical)), transform, mode)
     if canonical.endswith('-heldout'):
         return _heldout(canonical[:-len('-heldout')], root, spec, transform, id_classes)
     if canonical == 'SVHN':

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from util.errors import UserError
+
 # Order of the M = 6 vectors per image. Scores select scales by these names.
 SCALES = ('q00', 'q01', 'q10', 'q11', 'global', 'center')
 
@@ -79,7 +81,9 @@ def collect_features(model, loader, device, with_logits=None, progress=None, dty
     result = {'n': n_seen, 'skipped': skipped}
     if writer is None:
         if not feats:
-            raise ValueError('no images could be read')
+            name = getattr(loader.dataset, 'name', 'the dataset')
+            raise UserError(f"none of the {len(loader.dataset)} images of {name} could be read "
+                            f"(each is named in a warning above): replace or remove those files")
         result['features'] = np.concatenate(feats)
         result['labels'] = np.concatenate(labels)
         if with_logits:

@@ -53,8 +53,9 @@ def aupr(pos, neg):
     labels = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
     order = np.argsort(-scores, kind='mergesort')
     scores, labels = scores[order], labels[order]
-    # One operating point per distinct score: the last index of each run of ties.
-    last = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    # One operating point per distinct score: the last index of each run of ties. Compared,
+    # not subtracted: np.diff overflows on scores a full float range apart (±1.8e308).
+    last = np.r_[np.nonzero(scores[1:] != scores[:-1])[0], len(scores) - 1]
     tp = np.cumsum(labels)[last]
     fp = (last + 1) - tp
     recall = np.r_[0.0, tp / len(pos)]
