@@ -38,7 +38,7 @@ def get_args_parser():
     p.add_argument('--model', default='resnet18', help='CIFAR-style encoder (default resnet18)')
     p.add_argument('--width', type=int, default=16, help='ResNet base width, 64 in the paper (default 16 for CPU)')
     p.add_argument('--batch-size', type=int, default=128, help='images per step, 2 views each (default 128)')
-    p.add_argument('--epochs', type=int, default=4, help='Base and ALPA-train epochs (default 4)')
+    p.add_argument('--epochs', type=int, default=3, help='Base and ALPA-train epochs (default 3)')
     p.add_argument('--steps-per-epoch', type=int, default=40, help='steps per epoch, a random part of the 36k images (default 40)')
     p.add_argument('--finetune-epochs', type=int, default=2, help='ALPA-finetune epochs (default 2)')
     p.add_argument('--lr', type=float, default=0.1, help='Base / ALPA-train learning rate (default 0.1)')
