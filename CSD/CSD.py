@@ -19,7 +19,7 @@ if __package__ in (None, ''):
 import numpy as np
 
 from CSD.feature_collect import add_feature_args, get_splits, prepare, run_name
-from CSD.scoring import DEFAULT_K, SCALE_SETS, build_score
+from CSD.scoring import DEFAULT_K, SCALE_SETS, SEARCH_BACKENDS, build_score
 from util.errors import UserError, run_cli
 from util.metrics import TABLE_COLUMNS, cal_metric, format_table, write_results
 
@@ -31,6 +31,9 @@ def get_args_parser():
                         help='scores to report (default: knn csd)')
     parser.add_argument('--k', type=int, nargs='+', default=None,
                         help=f"neighbours, one per --method or one for all (default {DEFAULT_K})")
+    parser.add_argument('--search', default='faiss', choices=SEARCH_BACKENDS,
+                        help='exact k-NN backend: faiss (IndexFlatL2, GPU index on CUDA) or torch (GEMM + topk); '
+                             'same numbers (default faiss)')
     parser.add_argument('--output-dir', default='results', help='tables are written here (default ./results)')
     parser.add_argument('--ood-positive-fpr', action='store_true',
                         help="also print OpenOOD's FPR@95TPR with OOD as positive (a different number)")
@@ -38,16 +41,16 @@ def get_args_parser():
     return parser
 
 
-def score_splits(splits, method, k, device, ood_names):
+def score_splits(splits, method, k, device, ood_names, backend='faiss'):
     """Fit ``method`` on the train bank; -> (ID test scores, {ood: scores})."""
-    scorer = build_score(method, k, str(device)).fit(splits['train']['features'])
+    scorer = build_score(method, k, str(device), backend).fit(splits['train']['features'])
     id_scores = scorer.score(splits['test']['features'])
     return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}
 
 
-def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False):
+def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False, backend='faiss'):
     """-> ({ood: metrics}, (ID scores, {ood: scores}))."""
-    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names)
+    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names, backend)
     metrics = {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
     return metrics, (id_scores, ood_scores)
 
@@ -70,7 +73,7 @@ def main(args):
     for method, k in zip(methods, ks):
         k = k or DEFAULT_K[method]
         t0 = time.perf_counter()
-        results, scores = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr)
+        results, scores = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr, args.search)
         title = (f"{method.upper()} (k={k}) | ID {spec.name} | {info['arch']} | {run_name(args)} "
                  f"| bank {splits['train']['features'].shape[0]} images | {time.perf_counter() - t0:.1f}s")
         print()

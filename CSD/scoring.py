@@ -9,9 +9,13 @@ then maps test features to one number per image, **higher = more ID**.
   the test image's M vectors, d_s = squared L2 distance to its k-th neighbour in the bank;
   score = max_s(−d_s).
 - ``local`` (quadrants + centre) and ``global+center``: the same rule on a subset of scales.
-Every vector is L2-normalised first (``x / (‖x‖ + 1e-10)``). Search is exact (faiss
-``IndexFlatL2``; on CUDA a faiss GPU index, or torch when faiss has no GPU support), all
-scales of all queries in one batched search.
+Every vector is L2-normalised first (``x / (‖x‖ + 1e-10)``). Search is exact, all scales
+of all queries in one batched search, with one of two backends (same arithmetic,
+‖q‖² + ‖b‖² − 2q·b, tested equal):
+- ``faiss`` (default): ``IndexFlatL2``, a faiss GPU index on CUDA when faiss has GPU
+  support, else falls back to ``torch`` on the GPU;
+- ``torch``: chunked GEMM + ``topk``. On these 2-core CPUs it is about 2× faster than
+  faiss-cpu's flat search (bench/bench_csd.py), so the CPU demo uses it.
 """
 import numpy as np
 import torch
@@ -37,15 +41,20 @@ def _faiss_gpu_available():
     return faiss is not None and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
 
 
+SEARCH_BACKENDS = ('faiss', 'torch')
+
+
 class ExactKNN:
     """Exact squared-L2 k-th neighbour distance against a fixed bank."""
 
-    def __init__(self, bank, device='cpu', query_chunk=16384):
+    def __init__(self, bank, device='cpu', query_chunk=16384, backend='faiss'):
+        if backend not in SEARCH_BACKENDS:
+            raise UserError(f"unknown --search {backend!r}; known: {', '.join(SEARCH_BACKENDS)}")
         bank = np.ascontiguousarray(bank, dtype=np.float32)  # [N, D]
         self.n, self.dim = bank.shape
         self.device = torch.device(device)
         self.query_chunk = query_chunk
-        if self.device.type == 'cuda' and not _faiss_gpu_available():
+        if backend == 'torch' or (self.device.type == 'cuda' and not _faiss_gpu_available()):
             self.backend = 'torch'
             self.bank = torch.from_numpy(bank).to(self.device)
             self.bank_sq = (self.bank * self.bank).sum(1)
@@ -81,10 +90,13 @@ class ExactKNN:
                 out[s:s + len(q)] = dist[:, k - 1]
         return out
 
-    def _torch_kth(self, q, k):
-        qt = torch.from_numpy(q).to(self.device)
-        d = (qt * qt).sum(1, keepdim=True) + self.bank_sq[None] - 2.0 * qt @ self.bank.T
-        return d.topk(k, dim=1, largest=False).values[:, k - 1].cpu().numpy()
+    def _torch_kth(self, q, k, rows=4096):
+        out = []
+        for s in range(0, len(q), rows):  # bounds the [rows, N] distance block
+            qt = torch.from_numpy(q[s:s + rows]).to(self.device)
+            d = (qt * qt).sum(1, keepdim=True) + self.bank_sq[None] - 2.0 * qt @ self.bank.T
+            out.append(d.topk(k, dim=1, largest=False).values[:, k - 1].cpu().numpy())
+        return np.concatenate(out)
 
 
 class MultiScaleKNN:
@@ -93,7 +105,7 @@ class MultiScaleKNN:
     ``scales`` picks the vectors used (names from ``util.features.SCALES``); with one scale
     this is the KNN baseline, with all six it is CSD."""
 
-    def __init__(self, scales=SCALES, k=10, device='cpu'):
+    def __init__(self, scales=SCALES, k=10, device='cpu', backend='faiss'):
         unknown = set(scales) - set(SCALES)
         if unknown:
             raise UserError(f"unknown scales {sorted(unknown)}; known: {', '.join(SCALES)}")
@@ -101,6 +113,7 @@ class MultiScaleKNN:
         self.idx = [SCALES.index(s) for s in self.scales]
         self.k = k
         self.device = device
+        self.backend = backend
 
     def _select(self, feats):
         feats = np.asarray(feats)
@@ -110,7 +123,7 @@ class MultiScaleKNN:
 
     def fit(self, train_feats):
         bank = self._select(train_feats)
-        self.search = ExactKNN(bank.reshape(-1, bank.shape[-1]), self.device)  # [N·M, C]
+        self.search = ExactKNN(bank.reshape(-1, bank.shape[-1]), self.device, backend=self.backend)  # [N·M, C]
         return self
 
     def score(self, feats):
@@ -120,23 +133,23 @@ class MultiScaleKNN:
         return (-d).max(axis=1)
 
 
-def build_score(method, k=None, device='cpu'):
+def build_score(method, k=None, device='cpu', backend='faiss'):
     """Name -> fitted-later score object: ``knn``, ``csd``, ``local``, ``global+center``."""
     if method not in SCALE_SETS:
         raise UserError(f"unknown --method {method!r}; known: {', '.join(SCALE_SETS)}")
-    return MultiScaleKNN(SCALE_SETS[method], k=k or DEFAULT_K[method], device=device)
+    return MultiScaleKNN(SCALE_SETS[method], k=k or DEFAULT_K[method], device=device, backend=backend)
 
 
-def knn_scores(bank, queries, k, device='cpu'):
+def knn_scores(bank, queries, k, device='cpu', backend='faiss'):
     """bank [N, D], queries [Q, D] -> [Q] scores −d_k (higher = more ID). Inputs normalised here."""
-    search = ExactKNN(l2_normalize(bank), device)
+    search = ExactKNN(l2_normalize(bank), device, backend=backend)
     return -search.kth_distance(l2_normalize(queries), k)
 
 
-def csd_scores(bank, queries, k, device='cpu'):
+def csd_scores(bank, queries, k, device='cpu', backend='faiss'):
     """bank [N, M, D], queries [Q, M, D] -> [Q] scores max_s(−d_{k,s}), where the bank pools
     all N·M vectors. Inputs normalised here."""
     bank, queries = l2_normalize(bank), l2_normalize(queries)
     n, m, d = queries.shape
-    search = ExactKNN(bank.reshape(-1, bank.shape[-1]), device)
+    search = ExactKNN(bank.reshape(-1, bank.shape[-1]), device, backend=backend)
     return (-search.kth_distance(queries.reshape(-1, d), k).reshape(n, m)).max(axis=1)

@@ -64,11 +64,14 @@ def test_torch_backend_matches_faiss():
     rng = np.random.default_rng(4)
     bank, q = unit(rng.normal(size=(200, 16))).astype(np.float32), unit(rng.normal(size=(30, 16))).astype(np.float32)
     search = ExactKNN(bank)
-    t = ExactKNN.__new__(ExactKNN)      # the CUDA-without-faiss-gpu path, run on CPU tensors
-    t.n, t.dim, t.device, t.query_chunk, t.backend = 200, 16, torch.device('cpu'), 7, 'torch'
-    t.bank = torch.from_numpy(bank)
-    t.bank_sq = (t.bank * t.bank).sum(1)
+    t = ExactKNN(bank, backend='torch', query_chunk=7)   # also the CUDA-without-faiss-gpu path
+    assert (search.backend, t.backend) == ('faiss-cpu', 'torch')
     np.testing.assert_allclose(t.kth_distance(q, 5), search.kth_distance(q, 5), atol=1e-5)
+    np.testing.assert_allclose(t._torch_kth(q, 5, rows=4), search.kth_distance(q, 5), atol=1e-5)
+    bank6, q6 = rng.normal(size=(40, 6, 8)), rng.normal(size=(9, 6, 8))
+    np.testing.assert_allclose(csd_scores(bank6, q6, 4, backend='torch'), csd_scores(bank6, q6, 4), atol=1e-5)
+    with pytest.raises(UserError, match='--search'):
+        ExactKNN(bank, backend='annoy')
 
 
 def test_multi_scale_pool_order_and_values():
