@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 FMNIST_CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot']
-NEAR, FAR = ['fashion-mnist-heldout'], ['digits', 'gaussian', 'uniform']
+NEAR = ['fashion-mnist-heldout']
 MODELS = ['Base', 'ALPA-finetune', 'ALPA-train']
 METHODS = ['knn', 'csd']
 
@@ -48,6 +48,8 @@ def get_args_parser():
     p.add_argument('--out-dir', default='runs/fmnist', help='checkpoints, caches, tables, figures (default ./runs/fmnist)')
     p.add_argument('--device', default=None, help='cpu or cuda (default cuda when present)')
     p.add_argument('--num-workers', type=int, default=2, help='data-loading workers (default 2)')
+    p.add_argument('--far', nargs='+', default=['digits', 'gaussian', 'uniform'],
+                   help='far-OOD sets (default digits gaussian uniform)')
     p.add_argument('--search', default='torch', choices=['faiss', 'torch'],
                    help='exact k-NN backend; torch is ~2x faster than faiss-cpu here, same numbers (default torch)')
     p.add_argument('--figures', action='store_true', help='also draw histograms, ROC, t-SNE and k-NN grids (first seed)')
@@ -82,19 +84,19 @@ def score(args, seed, mode, ckp):
     argv = ['--in-dataset', 'fashion-mnist', '--ckp', ckp, '--name', f'seed{seed}-{mode}', '--data-root', args.data_root,
             '--cache-dir', os.path.join(args.out_dir, 'cache'), '--output-dir', os.path.join(args.out_dir, 'results'),
             '--num-workers', str(args.num_workers), '--max-train', str(args.max_train),
-            '--out-datasets', *NEAR, *FAR, '--method', *METHODS, '--search', args.search]
+            '--out-datasets', *NEAR, *args.far, '--method', *METHODS, '--search', args.search]
     if args.device:
         argv += ['--device', args.device]
     return csd_cli.main(csd_cli.get_args_parser().parse_args(argv))
 
 
-def summary_rows(per_seed):
+def summary_rows(per_seed, far):
     """per_seed[seed][model][method][ood] = metrics -> rows of mean ± std (×100)."""
     rows = []
     for model in MODELS:
         for method in METHODS:
             cells = {}
-            for group, names in (('near', NEAR), ('far', FAR)):
+            for group, names in (('near', NEAR), ('far', far)):
                 for metric in ('FPR', 'AUROC'):
                     vals = [100 * float(np.mean([per_seed[s][model][method][n][metric] for n in names])) for s in per_seed]
                     cells[f'{group} {metric}'] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -102,11 +104,11 @@ def summary_rows(per_seed):
     return rows
 
 
-def format_summary(rows, n_seeds):
+def format_summary(rows, n_seeds, far):
     cols = ['near FPR', 'near AUROC', 'far FPR', 'far AUROC']
     head = f"{'model':<14} {'score':<5} " + ' '.join(f'{c:>15}' for c in cols)
     lines = [f"Fashion-MNIST, ID classes 0-5, mean ± std over {n_seeds} seed(s), ×100 "
-             f"(near = held-out classes 6-9; far = mean of digits, gaussian, uniform)", head]
+             f"(near = held-out classes 6-9; far = mean of {', '.join(far)})", head]
     md = ['| model | score | ' + ' | '.join(cols) + ' |', '|---|---|' + '---:|' * len(cols)]
     for model, method, cells in rows:
         lines.append(f"{model:<14} {method:<5} " + ' '.join(f"{cells[c][0]:>8.2f} ± {cells[c][1]:<4.2f}" for c in cols))
@@ -128,18 +130,19 @@ def draw_figures(args, seed, scored, out):
         curves = {n: {m.upper(): (res['scores'][m][0], res['scores'][m][1][n]) for m in METHODS}
                   for n in res['scores']['knn'][1]}
         paths.append(plot_roc(curves, os.path.join(out, f'roc_{model}.png'), f'{model}: ROC, ID = positive (seed {seed})'))
-    # t-SNE: the same 1,200 ID test images + 300 held-out + 300 digits, global vectors
+    # t-SNE: the same 1,200 ID test images + 300 held-out + 300 digits (or fewer), global vectors
     rng = np.random.default_rng(0)
     panels = {}
     pick = None
     for model in ('Base', 'ALPA-finetune', 'ALPA-train'):
         sp = scored[model]['splits']
         if pick is None:
-            pick = {n: rng.choice(sp[n]['features'].shape[0], size, replace=False)
-                    for n, size in (('test', 1200), ('fashion-mnist-heldout', 300), ('digits', 300))}
-        feats = np.concatenate([l2_normalize(np.asarray(sp[n]['features'][np.sort(pick[n]), 4])) for n in pick])
-        labels = np.concatenate([np.asarray(sp['test']['labels'])[np.sort(pick['test'])],
-                                 -np.ones(300, int), -2 * np.ones(300, int)])
+            pick = {n: np.sort(rng.choice(len(sp[n]['features']), min(size, len(sp[n]['features'])), replace=False))
+                    for n, size in (('test', 1200), ('fashion-mnist-heldout', 300), ('digits', 300)) if n in sp}
+        feats = np.concatenate([l2_normalize(np.asarray(sp[n]['features'][pick[n], 4])) for n in pick])
+        ood_label = {'fashion-mnist-heldout': -1, 'digits': -2}
+        labels = np.concatenate([np.asarray(sp['test']['labels'])[pick['test']]] +
+                                [np.full(len(pick[n]), ood_label[n]) for n in pick if n != 'test'])
         panels[model] = (feats, labels)
     names = {i: FMNIST_CLASSES[c] for i, c in enumerate(args.id_classes)}
     paths.append(plot_tsne(panels, os.path.join(out, 'tsne.png'),
@@ -203,7 +206,7 @@ def main(args):
             paths = draw_figures(args, seed, scored, os.path.join(args.out_dir, 'figures'))
             timings['figures'] = time.perf_counter() - t0
             print('\nfigures:\n  ' + '\n  '.join(paths))
-    text, md = format_summary(summary_rows(per_seed), len(args.seeds))
+    text, md = format_summary(summary_rows(per_seed, args.far), len(args.seeds), args.far)
     print('\n' + text)
     os.makedirs(args.out_dir, exist_ok=True)
     (Path(args.out_dir) / 'summary.md').write_text(md)

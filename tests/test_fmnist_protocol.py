@@ -1,0 +1,34 @@
+"""The main job's entry script end to end on a tiny Fashion-MNIST in the real IDX format."""
+import os
+
+import pytest
+
+from bench import mode_fmnist
+from tests.fixtures import write_fashion_mnist
+
+
+@pytest.fixture(scope='module')
+def fmnist_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('fm')
+    write_fashion_mnist(str(root), n_train=200, n_test=40)
+    return root
+
+
+def test_mode_fmnist_end_to_end(fmnist_root, tmp_path, capsys):
+    args = mode_fmnist.get_args_parser().parse_args([
+        '--seeds', '0', '1', '--width', '4', '--batch-size', '8', '--epochs', '1', '--steps-per-epoch', '2',
+        '--finetune-epochs', '1', '--max-train', '60', '--data-root', str(fmnist_root), '--out-dir', str(tmp_path),
+        '--device', 'cpu', '--num-workers', '0', '--figures', '--far', 'digits'])  # noise sets: 20k images, too slow
+    per_seed = mode_fmnist.main(args)
+    out = capsys.readouterr().out
+    assert set(per_seed) == {0, 1} and set(per_seed[0]) == {'Base', 'ALPA-finetune', 'ALPA-train'}
+    for model in per_seed[0].values():
+        assert set(model) == {'knn', 'csd'}
+        assert set(model['csd']) == {'fashion-mnist-heldout', 'digits'}
+    summary = [l for l in out.splitlines() if l.count('±') == 4]
+    assert [l.split()[:2] for l in summary] == [[m, s] for m in ('Base', 'ALPA-finetune', 'ALPA-train') for s in ('knn', 'csd')]
+    assert (tmp_path / 'summary.md').read_text().count('\n') == 8
+    figs = sorted(os.listdir(tmp_path / 'figures'))
+    assert 'tsne.png' in figs and 'knn_grid_ALPA-finetune.png' in figs and 'roc_Base.png' in figs
+    assert sum(f.startswith('hist_') for f in figs) == 6
+    assert all((tmp_path / 'figures' / f).stat().st_size > 10_000 for f in figs)
