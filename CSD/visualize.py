@@ -113,15 +113,15 @@ def plot_knn_grid(rows, path, title):
     for r, row in enumerate(rows):
         cells = [(row['query'], row['query_label'], 'query')]
         for group, items in row['groups']:
-            cells += [(img, cap, group) for img, cap in items]
+            cells += [(img, cap, group if i == 0 else '') for i, (img, cap) in enumerate(items)]
         for c, (img, cap, group) in enumerate(cells):
             ax = axes[r][c]
             ax.imshow(img, cmap='gray' if np.ndim(img) == 2 else None)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel(cap, fontsize=6)
-            if r == 0:
-                ax.set_title(group, fontsize=7)
+            if r == 0 and group:
+                ax.set_title(group, fontsize=7, loc='left')
             if c == 0:
                 for side in ax.spines.values():
                     side.set_edgecolor('tab:red')

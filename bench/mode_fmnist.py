@@ -159,14 +159,21 @@ def draw_figures(args, seed, scored, out):
         bank_idx = np.asarray(sp['train']['indices']) if 'indices' in sp['train'] else np.arange(len(bank))
         flat = bank.reshape(-1, bank.shape[-1])
         rows = []
-        for split, ds, idxs in (('test', test_imgs, [0, 1, 2]), ('fashion-mnist-heldout', held, [0, 1, 2])):
+        for split, ds in (('test', test_imgs), ('fashion-mnist-heldout', held)):
             q_all = l2_normalize(np.asarray(sp[split]['features']))
-            for i in idxs:
+            # Among the first 50 queries: two whose CSD score is decided by a local vector
+            # (what the paper's figure illustrates), then one decided by the global one.
+            decided = []
+            for i in range(min(50, len(q_all))):
+                sims = flat @ q_all[i].T                                      # [N·6, 6]
+                decided.append(int(np.argmax(np.sort(sims, axis=0)[-min(10, len(flat))])))
+            local = [i for i, s_ in enumerate(decided) if SCALES[s_] != 'global'][:2]
+            glob = [i for i, s_ in enumerate(decided) if SCALES[s_] == 'global'][:3 - len(local)]
+            for i in local + glob:
                 q = q_all[i]                                                  # [6, C]
                 g = np.argsort(-(bank[:, 4] @ q[4]))[:5]
                 sims = flat @ q.T                                             # [N·6, 6]
-                kth = np.sort(sims, axis=0)[-10]                              # 10-th neighbour per scale
-                s_best = int(np.argmax(kth))
+                s_best = decided[i]                                           # scale of the max over −d_k
                 loc = np.argsort(-sims[:, s_best])[:5]
                 lab = lambda ds_, j: FMNIST_CLASSES[args.id_classes[int(ds_[j][1])]] if ds_ is train_imgs else ''
                 rows.append({
