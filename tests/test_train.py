@@ -90,3 +90,29 @@ def test_cli_runs_and_bad_flags_are_one_line(data_root, tmp_path):
     proc = subprocess.run([sys.executable, script, *common[:3], str(tmp_path / 'nothing'), *common[4:]],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and 'cifar-10-batches-py' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(data_root, tmp_path, monkeypatch):
+    from ALPA import engine
+    from util.errors import UserError
+    first = main_supcon.main(train_args('supcon', data_root, tmp_path, '--epochs', '2', '--eval_knn', '-1',
+                                        '--lr_decay_epochs', '100'))
+    good = {k: v.clone() for k, v in read_checkpoint(first['last'])['model'].items()}
+    monkeypatch.setattr(engine.SupConLoss, 'forward', lambda self, *a, **k: torch.tensor(float('nan'), requires_grad=True))
+    with pytest.raises(UserError, match=r'non-finite at epoch 3, step 0.*last good checkpoint: .*last\.pth'):
+        main_supcon.main(train_args('supcon', data_root, tmp_path, '--epochs', '3', '--eval_knn', '-1',
+                                    '--lr_decay_epochs', '100', '--resume', 'auto'))
+    kept = read_checkpoint(first['last'])
+    assert kept['epoch'] == 2 and all(torch.equal(kept['model'][k], v) for k, v in good.items())
+
+
+def test_dataset_path_class_folders(tmp_path):
+    from tests.fixtures import write_image_folder
+    for c in ('cat', 'dog'):
+        write_image_folder(str(tmp_path / 'data' / c), 6, size=36, seed=len(c))
+    out = main_ce.main(main_ce.get_args_parser().parse_args([
+        '--dataset', 'path', '--data_folder', str(tmp_path / 'data'), '--mean', '0.5,0.5,0.5', '--std', '0.25,0.25,0.25',
+        '--size', '32', '--width', '4', '--batch_size', '4', '--epochs', '1', '--num_workers', '0',
+        '--save_folder', str(tmp_path / 'save'), '--device', 'cpu']))
+    ck = read_checkpoint(out['last'])
+    assert ck['arch']['num_classes'] == 2 and ck['model']['fc.weight'].shape == (2, 32)
