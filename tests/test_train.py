@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,10 +22,22 @@ def train_args(script, data_root, save, *extra):
         '--save_folder', str(save), '--device', 'cpu', '--eval_knn', '5', '--inner_size', '8', *extra])
 
 
+def train_cli(script, data_root, save, *extra):
+    """Run ``python ALPA/main_<script>.py`` as a user would; -> (last.pth path, stdout)."""
+    argv = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '4',
+            '--batch_size', '8', '--epochs', '1', '--learning_rate', '0.05', '--num_workers', '0',
+            '--save_folder', str(save), '--device', 'cpu', '--eval_knn', '5', '--inner_size', '8', *extra]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'ALPA', f'main_{script}.py'), *argv],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = [os.path.join(d, 'last.pth') for d, _, files in os.walk(save) if 'last.pth' in files]
+    assert len(last) == 1
+    return last[0], proc.stdout
+
+
 @pytest.fixture(scope='module')
 def base_ckpts(data_root, tmp_path_factory):
-    save = tmp_path_factory.mktemp('save')
-    return {s: SCRIPTS[s].main(train_args(s, data_root, save))['last'] for s in SCRIPTS}
+    return {s: train_cli(s, data_root, tmp_path_factory.mktemp('save'))[0] for s in SCRIPTS}
 
 
 def collect(data_root, tmp_path, ckp):
@@ -41,11 +54,12 @@ def test_every_mode_trains_and_is_readable(script, mode, data_root, tmp_path, ba
              'alpa_finetune': ['--alpa_finetune', '--ckp', base_ckpts[script]]}[mode]
     if mode == 'base':
         last = base_ckpts[script]
-    else:
-        out = SCRIPTS[script].main(train_args(script, data_root, tmp_path, *extra))
-        last = out['last']
-        assert 'alpa' in out['stats'] and torch.isfinite(torch.tensor(out['stats']['alpa']))
-        assert ('supcon' in out['stats'] or 'ce' in out['stats']) == (mode == 'alpa_train')
+    else:   # through the CLI, as a user runs it
+        last, stdout = train_cli(script, data_root, tmp_path, *extra)
+        epoch_line = next(l for l in stdout.splitlines() if l.startswith('epoch 1:'))
+        stats = dict(item.split() for item in epoch_line[len('epoch 1: '):].split(', '))
+        assert 'alpa' in stats and np.isfinite(float(stats['alpa']))
+        assert ('supcon' in stats or 'ce' in stats) == (mode == 'alpa_train')
     ck = read_checkpoint(last)
     assert ck['epoch'] == 1 and ck['arch']['model_arch'] == f'resnet18-{script}'
     assert (ck['attention'] is not None) == (mode != 'base')
