@@ -139,7 +139,3 @@ def save_checkpoint(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
-def namespace_to_dict(ns):
-    """Namespaces are stored as-is for the authors' layout; this keeps only plain values."""
-    return {k: v for k, v in vars(ns).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}

@@ -39,53 +39,33 @@ def l2_normalize(x, axis=-1):
 
 
 @torch.no_grad()
-def collect_features(model, loader, device, with_logits=None, progress=None, dtype=torch.float32,
-                     writer=None):
+def collect_features(model, loader, device, with_logits=None, progress=None):
     """One forward pass over ``loader`` -> dict of numpy arrays: ``features`` [N, 6, C]
-    (raw, un-normalised), ``labels`` [N], and ``logits`` [N, K] when the model has a
+    (raw, un-normalised, fp32 — no autocast, so the numbers do not depend on the device's
+    reduced-precision kernels), ``labels`` [N], and ``logits`` [N, K] when the model has a
     classifier. Batches may be smaller than requested (corrupt images dropped by the
-    collate); ``skipped`` counts the images that never arrived.
-
-    ``writer(start, batch_dict)``, if given, receives each batch instead of keeping it in
-    memory (used to stream huge banks to a memory-mapped file)."""
+    collate); ``skipped`` counts the images that never arrived."""
     model.eval()
     if with_logits is None:
         with_logits = hasattr(model, 'fc')
     feats, labels, logits = [], [], []
-    n_seen = 0
-    use_amp = device.type == 'cuda'
-    iterator = progress(loader) if progress else loader
-    for batch in iterator:
+    for batch in (progress(loader) if progress else loader):
         if batch is None:
             continue
-        images, target = batch[0], batch[1]
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            fmap = model.forward_features(images)
-        fmap = fmap.float()
-        out = {'features': multi_scale_pool(fmap).to(dtype).cpu().numpy(),
-               'labels': np.asarray(target, dtype=np.int64)}
+        fmap = model.forward_features(batch[0].to(device, non_blocking=True)).float()
+        feats.append(multi_scale_pool(fmap).cpu().numpy())
+        labels.append(np.asarray(batch[1], dtype=np.int64))
         if with_logits:
-            out['logits'] = model.forward_head(fmap).float().cpu().numpy()
-        if writer is not None:
-            writer(n_seen, out)
-        else:
-            feats.append(out['features'])
-            labels.append(out['labels'])
-            if with_logits:
-                logits.append(out['logits'])
-        n_seen += len(out['labels'])
+            logits.append(model.forward_head(fmap).float().cpu().numpy())
+    n_seen = sum(len(l) for l in labels)
     skipped = len(loader.dataset) - n_seen
     if skipped:
         warnings.warn(f"{skipped} of {len(loader.dataset)} images could not be read and were skipped")
-    result = {'n': n_seen, 'skipped': skipped}
-    if writer is None:
-        if not feats:
-            name = getattr(loader.dataset, 'name', 'the dataset')
-            raise UserError(f"none of the {len(loader.dataset)} images of {name} could be read "
-                            f"(each is named in a warning above): replace or remove those files")
-        result['features'] = np.concatenate(feats)
-        result['labels'] = np.concatenate(labels)
-        if with_logits:
-            result['logits'] = np.concatenate(logits)
+    if not feats:
+        name = getattr(loader.dataset, 'name', 'the dataset')
+        raise UserError(f"none of the {len(loader.dataset)} images of {name} could be read "
+                        f"(each is named in a warning above): replace or remove those files")
+    result = {'n': n_seen, 'skipped': skipped, 'features': np.concatenate(feats), 'labels': np.concatenate(labels)}
+    if with_logits:
+        result['logits'] = np.concatenate(logits)
     return result
