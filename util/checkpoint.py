@@ -93,20 +93,33 @@ def read_checkpoint(path):
     }
 
 
-def _adapt_bare_keys(model, state_dict):
-    """A torchvision-style state_dict (``conv1.weight`` … ``fc.weight``) goes under ``encoder.``."""
+def adapt_keys(model, state_dict):
+    """Map other codebases' names onto ``model``'s (only renames; nothing is dropped):
+
+    - a flat state_dict (torchvision's, knn-ood's CIFAR ``ResNetCifar``: ``conv1.weight``,
+      ``layer1.0.conv1.weight`` ...) goes under ``encoder.``, except ``fc.*`` / ``head.*``;
+    - ``downsample`` (torchvision, knn-ood) and ``shortcut`` (SupContrast) name the same
+      1×1-conv + BN projection of a residual block: a key the model lacks is tried with the
+      other name."""
     expected = model.state_dict()
-    if any(k.startswith('encoder.') for k in state_dict) or not any(k.startswith('encoder.') for k in expected):
-        return state_dict
-    return {(k if k.split('.')[0] in ('fc', 'head') and k in expected else 'encoder.' + k): v
-            for k, v in state_dict.items()}
+    if any(k.startswith('encoder.') for k in expected) and not any(k.startswith('encoder.') for k in state_dict):
+        state_dict = {(k if k.split('.')[0] in ('fc', 'head') else 'encoder.' + k): v for k, v in state_dict.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if key not in expected:
+            for a, b in (('.downsample.', '.shortcut.'), ('.shortcut.', '.downsample.')):
+                if a in key and key.replace(a, b) in expected:
+                    key = key.replace(a, b)
+                    break
+        out[key] = value
+    return out
 
 
 def load_weights(model, state_dict, path='checkpoint', ignore=()):
     """Strict load: any missing, unexpected or mis-shaped key is a ``UserError`` naming them.
-    ``ignore``: key prefixes allowed to be absent from / extra in the checkpoint (e.g. ``fc.``
-    when only the encoder is needed)."""
-    state_dict = _adapt_bare_keys(model, strip_prefixes(state_dict))
+    ``ignore``: key prefixes allowed to be absent from / extra in the checkpoint; callers
+    print what they ignored (``load_model`` does)."""
+    state_dict = adapt_keys(model, strip_prefixes(state_dict))
     expected = model.state_dict()
     keep = lambda k: not any(k.startswith(p) for p in ignore)
     missing = [k for k in expected if k not in state_dict and keep(k)]
@@ -139,3 +152,55 @@ def save_checkpoint(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
+
+def load_model(path, model_arch=None, in_dataset=None, log=print):
+    """The one way from a checkpoint file to a model: -> ``(model, info)``.
+
+    ``model_arch`` (a ``--model-arch`` name or one of the authors' aliases) may be None for
+    our checkpoints (they record it) and for the authors' (``opt.model`` + head or fc).
+    Width, input channels, classes and head size are read from the tensors. A classifier
+    ``fc`` in a checkpoint loaded as a SupCon model (knn-ood's and the authors' ImageNet
+    ``SupConResNet``, knn-ood's CIFAR ``ResNetCifar``), or a ``head`` loaded as a CE model,
+    is ignored with a printed note; every other mismatch is an error.
+    ``info``: ``arch``, ``record`` (our architecture record, completed), ``epoch``,
+    ``attention`` (ALPA weights or None), ``opt``."""
+    from util.networks import ENCODERS, MODEL_ARCHS, build_model, resolve_arch
+    ckpt = read_checkpoint(path)
+    state = ckpt['model']
+    arch = model_arch
+    if arch is None and ckpt['arch'] and ckpt['arch'].get('model_arch'):
+        arch = ckpt['arch']['model_arch']
+    if arch is None:
+        base = getattr(ckpt['opt'], 'model', None) if ckpt['opt'] is not None else None
+        if base:
+            arch = f"{base}-{'supcon' if any(k.startswith('head.') for k in state) else 'ce'}"
+    if arch is None:
+        raise UserError(f"{path} does not record its architecture: pass --model-arch ({', '.join(MODEL_ARCHS)})")
+    resolved = resolve_arch(arch, in_dataset)
+    if resolved != arch:
+        log(f"note: --model-arch {arch} read as {resolved}" + (f" for {in_dataset}" if in_dataset else ''))
+    arch = resolved
+    flat = strip_prefixes(state)
+    conv1 = flat.get('encoder.conv1.weight', flat.get('conv1.weight'))
+    kwargs = {}
+    if conv1 is not None and conv1.dim() == 4:
+        kwargs['in_channel'] = conv1.shape[1]
+        if not arch.startswith('resnet50-imagenet'):
+            kwargs['width'] = conv1.shape[0]
+    kind = arch.rpartition('-')[2]
+    if kind == 'ce' and 'fc.weight' in flat:
+        kwargs['num_classes'] = flat['fc.weight'].shape[0]
+    if kind == 'supcon' and 'head.2.weight' in flat:
+        kwargs['feat_dim'] = flat['head.2.weight'].shape[0]
+    model = build_model(arch, **kwargs)
+    unused = 'fc.' if kind == 'supcon' else 'head.'
+    extra = sorted(k for k in flat if k.startswith(unused))
+    if extra:
+        log(f"note: {path}: ignoring {', '.join(extra)} (a {'classifier' if unused == 'fc.' else 'projection head'} "
+            f"that a {kind} model does not use)")
+    load_weights(model, state, path=path, ignore=(unused,) if extra else ())
+    record = dict(ckpt['arch'] or {})
+    record.update(model_arch=arch, **{k: int(v) for k, v in kwargs.items()})
+    return model, {'arch': arch, 'record': record, 'epoch': ckpt['epoch'], 'attention': ckpt['attention'],
+                   'opt': ckpt['opt']}

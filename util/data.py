@@ -21,6 +21,7 @@ already have, with every path relative to ``root`` (``--data_root``, default ``d
 import gzip
 import os
 import pickle
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -54,9 +55,11 @@ class DatasetSpec:
 
 
 ID_DATASETS = {
-    'CIFAR-10': DatasetSpec('CIFAR-10', 10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 'cifar'),
-    # CIFAR-100 gets its own statistics; the authors' code reused CIFAR-10's (PAPER preamble).
-    'CIFAR-100': DatasetSpec('CIFAR-100', 100, 32, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 'cifar'),
+    # The authors', SupContrast's and knn-ood's constants (PAPER §5b), not the exact pixel
+    # statistics (whose std is 0.2470, 0.2435, 0.2616): their checkpoints expect these.
+    'CIFAR-10': DatasetSpec('CIFAR-10', 10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 'cifar'),
+    # Training statistics; the authors' *test* loader used CIFAR-10's (see paper_test_norm).
+    'CIFAR-100': DatasetSpec('CIFAR-100', 100, 32, 3, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), 'cifar'),
     'imagenet': DatasetSpec('imagenet', 1000, 224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 'imagenet'),
     'fashion-mnist': DatasetSpec('fashion-mnist', 10, 28, 1, (0.2860,), (0.3530,), 'cifar'),
 }
@@ -111,34 +114,62 @@ class TwoCrop:
         return f"{type(self).__name__}({self.transform!r})"
 
 
-def test_transform(spec):
-    """PIL image -> normalised tensor ``[channels, size, size]``.
-
-    cifar style: Resize(size) + CenterCrop(size), a no-op on 32x32 CIFAR images and the
-    way larger OOD images (dtd, places365) reach 32x32. imagenet style: Resize(256) +
-    CenterCrop(224)."""
+def paper_test_norm(spec):
+    """(mean, std) of the authors' test pipeline (PAPER §5b): CIFAR-10's constants for both
+    CIFAR sets (the paper's CIFAR-100 rows were produced that way), else the set's own."""
     spec = get_spec(spec)
-    resize = 256 if spec.style == 'imagenet' else spec.size
+    if spec.name in ('CIFAR-10', 'CIFAR-100'):
+        return ID_DATASETS['CIFAR-10'].mean, ID_DATASETS['CIFAR-10'].std
+    return spec.mean, spec.std
+
+
+def parse_floats(text, what='value'):
+    """'0.5,0.5,0.5', '(0.5, 0.5, 0.5)' (the authors' tuple syntax) or '[0.5 0.5]' -> tuple of
+    floats. Never ``eval``: a flag is data."""
+    parts = [p for p in re.split(r'[\s,()\[\]]+', str(text)) if p]
+    try:
+        return tuple(float(p) for p in parts)
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not a list of numbers: write e.g. '0.5,0.5,0.5' or "
+                        f"'(0.5,0.5,0.5)'") from None
+
+
+def test_transform(spec, mean=None, std=None):
+    """PIL image -> normalised tensor ``[channels, size, size]``, the authors' test pipeline
+    (PAPER §5b). ``mean``/``std`` default to the spec's.
+
+    cifar style: ``Resize((size, size))`` -- a squash, the aspect ratio is not kept, exactly
+    as the authors' ``transform_test`` -- then ``CenterCrop(size)`` (a no-op after the squash,
+    kept for parity). imagenet style: ``Resize(256)`` + ``CenterCrop(224)``."""
+    spec = get_spec(spec)
+    resize = 256 if spec.style == 'imagenet' else (spec.size, spec.size)
     return transforms.Compose([
         ConvertMode(spec.mode),
         transforms.Resize(resize),
         transforms.CenterCrop(spec.size),
         transforms.ToTensor(),
-        transforms.Normalize(spec.mean, spec.std),
+        transforms.Normalize(spec.mean if mean is None else tuple(mean), spec.std if std is None else tuple(std)),
     ])
 
 
 test_transform.__test__ = False  # the name starts with "test": keep pytest from collecting it where imported
 
+TRAIN_RECIPES = ('supcon', 'ce')
 
-def train_transform(spec, two_crop=True):
-    """SupCon augmentation (PAPER §5); with ``two_crop`` the transform returns ``[view1, view2]``.
-    Colour jitter and random grey are skipped for 1-channel sets (nothing to jitter)."""
+
+def train_transform(spec, two_crop=True, recipe='supcon'):
+    """Training augmentation (PAPER §5); with ``two_crop`` the transform returns ``[view1, view2]``.
+
+    ``recipe='supcon'``: RandomResizedCrop(size, scale 0.2-1), flip, ColorJitter(0.4, 0.4, 0.4,
+    0.1) with p 0.8, RandomGrayscale p 0.2 (jitter and grey skipped for 1-channel sets: nothing
+    to jitter). ``recipe='ce'`` (SupContrast's ``main_ce.py``): the crop and the flip only."""
     spec = get_spec(spec)
+    if recipe not in TRAIN_RECIPES:
+        raise ValueError(f"recipe must be one of {TRAIN_RECIPES}, got {recipe!r}")
     ops = [ConvertMode(spec.mode),
            transforms.RandomResizedCrop(spec.size, scale=(0.2, 1.0)),
            transforms.RandomHorizontalFlip()]
-    if spec.channels == 3:
+    if recipe == 'supcon' and spec.channels == 3:
         ops += [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
                 transforms.RandomGrayscale(p=0.2)]
     ops += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
@@ -257,6 +288,49 @@ class NoiseDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, -1
+
+
+class RandomInputDataset(Dataset):
+    """The authors' ``noise`` and ``lfnoise`` OOD sets (``ylib.dataloader.random_data``):
+    ``n`` network inputs ``[channels, size, size]`` (float32) fed to the model *as they
+    are* -- no image, no transform, no normalisation, as in the authors' loader.
+
+    - ``noise`` (their ``GaussianRandom``): every value N(0, 1).
+    - ``lfnoise`` (their ``LowFreqRandom``): N(0, 1) values x, then keep only the
+      low-frequency quarter of an orthonormal 2-D DCT basis, ``z = idct(idct(x * mask, axis=W),
+      axis=H)`` with ``mask = 1`` on the first ``int(size/2)`` rows and columns (DCT-II
+      inverse, ``norm='ortho'``, per channel).
+
+    Deliberate difference: theirs draw from numpy's global RNG (a different set on every
+    run and worker); input i here comes from ``default_rng([seed, i])``, the same in any
+    order and worker, with the same distribution."""
+
+    KINDS = ('noise', 'lfnoise')
+
+    def __init__(self, kind, n, size, channels, seed=0, name=None):
+        assert kind in self.KINDS
+        self.kind, self.n, self.size, self.channels, self.seed = kind, n, size, channels, seed
+        self.name = name or kind
+        self.targets = np.full(n, -1, dtype=np.int64)
+
+    def __len__(self):
+        return self.n
+
+    def input_array(self, index):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        x = np.random.default_rng([self.seed, index]).standard_normal((self.channels, self.size, self.size))
+        if self.kind == 'lfnoise':
+            from scipy.fft import idct
+            keep = int(self.size * 0.5)
+            x[:, keep:, :] = 0.0
+            x[:, :, keep:] = 0.0
+            x = idct(idct(x, axis=2, norm='ortho'), axis=1, norm='ortho')
+        return x.astype(np.float32)
+
+    def __getitem__(self, index):
+        import torch
+        return torch.from_numpy(self.input_array(index)), -1
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -492,17 +566,25 @@ _OOD_FOLDERS = {
                   'http://data.csail.mit.edu/places/places365/test_256.tar'),
     'LSUN': ('LSUN', _TINY_OOD + 'fhtsw1m3qxlwj6h/LSUN.tar.gz'),
     'iSUN': ('iSUN', _TINY_OOD + 'ssz7qxfqae0cca5/iSUN.tar.gz'),
+    'LSUN_resize': ('LSUN_resize', _TINY_OOD + 'moqh2wh8696c3yl/LSUN_resize.tar.gz (what the authors\' '
+                    '"LSUN_FIX" option reads)'),
     'LSUN_fix': ('LSUN_fix', 'from the CSI repo (github.com/alinlab/CSI), LSUN_fix'),
     'ImageNet_fix': ('ImageNet_fix', 'from the CSI repo (github.com/alinlab/CSI), ImageNet_fix'),
     'Imagenet_resize': ('Imagenet_resize', _TINY_OOD + 'kp3my3412u5k9rl/Imagenet_resize.tar.gz'),
     'iNaturalist': ('iNaturalist', 'http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/iNaturalist.tar.gz'),
     'SUN': ('SUN', 'http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/SUN.tar.gz'),
     'Places': ('Places', 'http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/Places.tar.gz'),
+    'TinyImages': ('TinyImages', 'a folder of 32x32 TinyImages images (the authors\' "tim" set)'),
 }
 
 OOD_DATASETS = {
     'SVHN': f'ood_data/svhn/selected_test_32x32.mat (run select_svhn_data.py on test_32x32.mat from {_SVHN_URL})',
     **{k: f'ood_data/{p}/ (image folder; {src})' for k, (p, src) in _OOD_FOLDERS.items()},
+    'CIFAR-10': 'the CIFAR-10 test set (cifar-10-batches-py/test_batch), as OOD for CIFAR-100',
+    'CIFAR-100': 'the CIFAR-100 test set (cifar-100-python/test), as OOD for CIFAR-10',
+    'imagenet-val': 'imagenet/val/ (every image, resized by the ID test transform), as OOD for CIFAR',
+    'noise': "generated: 10,000 network inputs, N(0,1) per value, no transform (the authors' GaussianRandom)",
+    'lfnoise': "generated: 10,000 low-frequency noise inputs, no transform (the authors' LowFreqRandom)",
     'digits': 'generated: scikit-learn 8x8 digits (1,797), upscaled to the ID size; no download',
     'gaussian': 'generated: 10,000 images, N(0.5, 0.25) per pixel clipped to [0,1], seeded; no download',
     'uniform': 'generated: 10,000 images, U[0,1] per pixel, seeded; no download',
@@ -510,8 +592,11 @@ OOD_DATASETS = {
 }
 
 # The KNN repo's and the paper's other names for the same sets.
+# Only true aliases: a name never silently stands for another data set (the authors' option
+# "LSUN_FIX" read LSUN_resize, so it is not accepted here: name the folder you mean).
 _OOD_ALIASES = {'inat': 'iNaturalist', 'sun50': 'SUN', 'places50': 'Places', 'places365_sub': 'places365',
-                'texture': 'dtd', 'textures': 'dtd'}
+                'texture': 'dtd', 'textures': 'dtd', 'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100',
+                'imagenet': 'imagenet-val', 'tim': 'TinyImages', 'tinyimages': 'TinyImages'}
 _OOD_LOOKUP = {**{k.lower(): k for k in OOD_DATASETS}, **_OOD_ALIASES}
 
 
@@ -526,6 +611,9 @@ def resolve_ood_name(name):
     directory; otherwise a ``UserError`` listing the known names. Reads no data, so every
     name can be checked before any work starts."""
     key = str(name)
+    if key == 'LSUN_FIX':
+        raise UserError("OOD set 'LSUN_FIX' is ambiguous: the authors' code read the LSUN_resize folder under "
+                        "that name; pass LSUN_resize for their row, or LSUN_fix for the LSUN_fix folder")
     canonical = _OOD_LOOKUP.get(key.lower())
     if canonical is not None:
         return canonical
@@ -610,11 +698,21 @@ def get_ood_dataset(name, root='datasets', spec=None, transform=None, id_classes
         return ArrayDataset(images, np.full(len(images), -1), 'SVHN', transform, mode)
     if canonical in _OOD_FOLDERS:
         return _folder_dataset(_ood_path(root, _OOD_FOLDERS[canonical][0]), canonical, transform, mode)
+    if canonical in _CIFAR:
+        ds = get_id_dataset(canonical, root, 'test', transform=transform)
+        return ArrayDataset(ds.images, np.full(len(ds), -1), canonical, transform, mode)
+    if canonical == 'imagenet-val':
+        folder = os.path.join(root, 'imagenet', 'val')
+        if not os.path.isdir(folder):
+            raise UserError(f"imagenet-val not found at {folder}: place the ILSVRC-2012 validation images there")
+        return _folder_dataset(folder, canonical, transform, mode)
     if spec is None:
         raise ValueError(f"get_ood_dataset({canonical!r}) needs spec= (the ID DatasetSpec) for the image size")
     if canonical == 'digits':
         images = _load_digits()
         return ArrayDataset(images, np.full(len(images), -1), 'digits', transform, mode, size=spec.size)
+    if canonical in RandomInputDataset.KINDS:
+        return RandomInputDataset(canonical, 10_000, spec.size, spec.channels, seed, canonical)
     return NoiseDataset(canonical, 10_000, spec.size, spec.channels, seed, transform, canonical)
 
 

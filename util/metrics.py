@@ -6,10 +6,16 @@ Convention: ID is the positive class and a higher score means "more ID".
   fraction of OOD scores strictly above it.
 - ``AUROC``: probability that a random ID score beats a random OOD score, ties counting
   one half (= ``sklearn.metrics.roc_auc_score`` with ID = 1).
-- ``AUIN`` / ``AUOUT``: area under the precision-recall curve with ID (resp. OOD, score
-  negated) as the positive class, integrated with the trapezoid rule as the authors do
-  (not scikit-learn's step-wise average precision). Tied scores form one operating point;
-  the curve starts at (recall 0, precision 1), as scikit-learn's ``precision_recall_curve``.
+- ``AUIN`` / ``AUOUT``: area under the precision-recall curve with ID (resp. OOD) as the
+  positive class, in the authors' (= knn-ood's) convention, which produced the paper's
+  AUIN column: sweep a threshold down through the pooled scores, one operating point per
+  distinct score (ties merged), from (tp, fp) = (n_ID, n_OOD) to (0, 0); integrate precision
+  with the trapezoid rule over the points whose precision is defined, and close the AUIN
+  curve with precision **0** at recall 0 (AUOUT: open it with precision 0 at recall 0).
+  This is neither scikit-learn's step-wise average precision nor its trapezoid ``auc``
+  (which starts at precision 1).
+- ``DTERR``: the smallest detection error over the same sweep,
+  min (n_ID − tp + fp) / (n_ID + n_OOD) (the authors print it too).
 - ``FPR_OODpos``: OpenOOD / pytorch-ood's FPR@95TPR with **OOD as positive** (fraction of ID
   flagged as OOD when 95% of OOD is caught). A different number from ``FPR``; printed only
   when asked for and always labelled.
@@ -47,20 +53,38 @@ def auroc(known, novel):
     return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def aupr(pos, neg):
-    """Trapezoid area under precision(recall) with ``pos`` the positive class."""
-    scores = np.concatenate([pos, neg])
-    labels = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-    order = np.argsort(-scores, kind='mergesort')
-    scores, labels = scores[order], labels[order]
-    # One operating point per distinct score: the last index of each run of ties. Compared,
-    # not subtracted: np.diff overflows on scores a full float range apart (±1.8e308).
-    last = np.r_[np.nonzero(scores[1:] != scores[:-1])[0], len(scores) - 1]
-    tp = np.cumsum(labels)[last]
-    fp = (last + 1) - tp
-    recall = np.r_[0.0, tp / len(pos)]
-    precision = np.r_[1.0, tp / (tp + fp)]
-    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+def sweep(known, novel):
+    """The authors' operating points: ``(tp, fp)`` after passing each distinct pooled score,
+    threshold rising. ``tp[0], fp[0] = n_ID, n_OOD`` (threshold below every score), then one
+    point per distinct score value v with tp = #ID > v, fp = #OOD > v, ending at (0, 0)."""
+    known_sorted, novel_sorted = np.sort(known), np.sort(novel)  # copies: inputs untouched
+    pooled = np.concatenate([known_sorted, novel_sorted])
+    pooled.sort()
+    # Distinct values by comparison, not np.diff (which overflows on ±1.8e308 scores).
+    distinct = pooled[np.r_[pooled[1:] != pooled[:-1], True]]
+    tp = len(known) - np.searchsorted(known_sorted, distinct, side='right')
+    fp = len(novel) - np.searchsorted(novel_sorted, distinct, side='right')
+    return np.r_[len(known), tp].astype(np.float64), np.r_[len(novel), fp].astype(np.float64)
+
+
+def _trapezoid(x, y):
+    """Area under y(x) for x in either direction (always >= 0 for monotone x)."""
+    return float(abs(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2)))
+
+
+def au_in_out(known, novel):
+    """(AUIN, AUOUT, DTERR) in the authors' convention (module docstring)."""
+    tp, fp = sweep(known, novel)
+    n_in, n_out = len(known), len(novel)
+    has = tp + fp > 0                                     # precision defined
+    x_in = np.r_[tp[has] / n_in, 0.0]                     # recall of ID, falling
+    y_in = np.r_[tp[has] / (tp[has] + fp[has]), 0.0]      # closed by precision 0
+    tn, fn = n_out - fp, n_in - tp
+    has = tn + fn > 0
+    x_out = np.r_[0.0, tn[has] / n_out]                   # recall of OOD, rising
+    y_out = np.r_[0.0, tn[has] / (tn[has] + fn[has])]     # opened by precision 0
+    dterr = float(np.min((n_in - tp + fp) / (n_in + n_out)))
+    return _trapezoid(x_in, y_in), _trapezoid(x_out, y_out), dterr
 
 
 def fpr_at_95_tpr_ood_positive(known, novel):
@@ -74,22 +98,21 @@ def fpr_at_95_tpr_ood_positive(known, novel):
 
 def cal_metric(known, novel, ood_positive_fpr=False):
     """Scores of ID (``known``) and OOD (``novel``) samples, higher = more ID ->
-    ``{'FPR', 'AUROC', 'AUIN', 'AUOUT'}`` as fractions (plus ``'FPR_OODpos'`` if asked)."""
+    ``{'FPR', 'AUROC', 'AUIN', 'AUOUT', 'DTERR'}`` as fractions (plus ``'FPR_OODpos'`` if asked)."""
     known = _as_scores(known, 'ID')
     novel = _as_scores(novel, 'OOD')
-    out = {
-        'FPR': fpr_at_95(known, novel),
-        'AUROC': auroc(known, novel),
-        'AUIN': aupr(known, novel),
-        'AUOUT': aupr(-novel, -known),
-    }
+    auin, auout, dterr = au_in_out(known, novel)
+    out = {'FPR': fpr_at_95(known, novel), 'AUROC': auroc(known, novel), 'AUIN': auin, 'AUOUT': auout,
+           'DTERR': dterr}
     if ood_positive_fpr:
         out['FPR_OODpos'] = fpr_at_95_tpr_ood_positive(known, novel)
     return out
 
 
 TABLE_COLUMNS = ('FPR', 'AUROC', 'AUIN')
-COLUMN_LABELS = {'FPR': 'FPR', 'AUROC': 'AUROC', 'AUIN': 'AUIN', 'AUOUT': 'AUOUT',
+# Every column a CSV/JSON file gets, whatever the printed table shows.
+FILE_COLUMNS = ('FPR', 'AUROC', 'AUIN', 'AUOUT', 'DTERR')
+COLUMN_LABELS = {'FPR': 'FPR', 'AUROC': 'AUROC', 'AUIN': 'AUIN', 'AUOUT': 'AUOUT', 'DTERR': 'DTERR',
                  'FPR_OODpos': 'FPR(OOD+,OpenOOD)'}
 
 
@@ -124,9 +147,12 @@ def markdown_table(results, columns=TABLE_COLUMNS):
 
 
 def write_results(results, prefix, columns=TABLE_COLUMNS, meta=None):
-    """Write ``prefix.csv``, ``prefix.json`` and ``prefix.md`` (atomically each)."""
+    """Write ``prefix.csv``, ``prefix.json`` and ``prefix.md`` (atomically each). The Markdown
+    file has the printed ``columns``; CSV and JSON have every metric (``FILE_COLUMNS``, DTERR
+    included) plus any extra printed column."""
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    rows = results_table(results, columns)
+    file_columns = FILE_COLUMNS + tuple(c for c in columns if c not in FILE_COLUMNS)
+    rows = results_table(results, file_columns)
 
     def atomic(path, text):
         tmp = path + '.tmp'
@@ -137,9 +163,9 @@ def write_results(results, prefix, columns=TABLE_COLUMNS, meta=None):
     import io
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator='\n')
-    writer.writerow(['OOD', *[COLUMN_LABELS[c] for c in columns]])
+    writer.writerow(['OOD', *[COLUMN_LABELS[c] for c in file_columns]])
     for name, r in rows:
-        writer.writerow([name, *[f"{r[c]:.2f}" for c in columns]])
+        writer.writerow([name, *[f"{r[c]:.2f}" for c in file_columns]])
     atomic(prefix + '.csv', buf.getvalue())
     atomic(prefix + '.md', markdown_table(results, columns))
     payload = {'metrics': results, 'table_x100': {n: r for n, r in rows}, 'meta': meta or {}}

@@ -223,12 +223,29 @@ def parse_arch(arch):
 MODEL_ARCHS = sorted(f'{b}-{k}' for b in ENCODERS for k in ('supcon', 'ce'))
 
 
+def resolve_arch(arch, in_dataset=None):
+    """Our ``--model-arch`` name for one of the authors' / knn-ood's: ``resnet18-supce`` ->
+    ``resnet18-ce`` (their CE models), a bare ``resnet18`` -> ``resnet18-ce``, and for
+    ``--in-dataset imagenet`` ``resnet50-supcon`` / ``resnet50`` -> ``resnet50-imagenet-supcon``
+    / ``-ce`` (their ImageNet names). Anything else is returned unchanged."""
+    base, _, kind = arch.rpartition('-')
+    if arch in ENCODERS:
+        base, kind = arch, 'ce'
+    elif kind == 'supce':
+        kind = 'ce'
+    elif kind not in ('supcon', 'ce'):
+        return arch
+    if in_dataset is not None and str(in_dataset).lower() == 'imagenet' and base == 'resnet50':
+        base = 'resnet50-imagenet'
+    return f'{base}-{kind}'
+
+
 def build_model(arch, num_classes=10, in_channel=3, feat_dim=128, width=64):
     """Build a model from its ``--model-arch`` name, e.g. ``resnet18-supcon``, ``resnet34-ce``,
     ``resnet50-imagenet-supcon``. ``width`` (64 in the paper) shrinks the CIFAR ResNets for
     CPU runs."""
     try:
-        base, kind = parse_arch(arch)
+        base, kind = parse_arch(resolve_arch(arch))
     except KeyError:
         from util.errors import UserError
         raise UserError(f"unknown --model-arch {arch!r}; known: {', '.join(MODEL_ARCHS)}") from None
