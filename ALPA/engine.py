@@ -27,7 +27,8 @@ from util import distributed as dist_lib
 from util.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from util.errors import UserError
 from util.features import collect_features, l2_normalize
-from util.misc import default_workers, progress, set_seed
+from util.fingerprint import TRAINING_CODE, fingerprint
+from util.misc import autocast_dtype, default_workers, progress, set_seed
 from util.networks import ENCODERS, build_model
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'imagenet',
@@ -54,8 +55,9 @@ def add_train_args(parser, loss):
     p.add_argument('--dataset', type=str, default='cifar10', choices=list(DATASET_NAMES),
                    help='ID training set (default cifar10); path = class folders under --data_folder')
     p.add_argument('--data_folder', type=str, default='datasets', help='data root (default ./datasets)')
-    p.add_argument('--mean', type=str, default=None, help="with --dataset path: per-channel mean, e.g. '0.5,0.5,0.5'")
-    p.add_argument('--std', type=str, default=None, help="with --dataset path: per-channel std")
+    p.add_argument('--mean', type=str, default=None,
+                   help="with --dataset path: per-channel mean, '0.5,0.5,0.5' or the authors' '(0.5,0.5,0.5)'")
+    p.add_argument('--std', type=str, default=None, help="with --dataset path: per-channel std, same syntax as --mean")
     p.add_argument('--size', type=int, default=32, help='with --dataset path: input size in pixels (default 32)')
     p.add_argument('--id_classes', type=int, nargs='+', default=None,
                    help='open-set protocol: train on these classes only (default all)')
@@ -65,12 +67,17 @@ def add_train_args(parser, loss):
     p.add_argument('--trial', type=str, default='0', help='run id appended to the run folder (default 0)')
     if loss == 'supcon':
         p.add_argument('--temp', type=float, default=0.1, help='SupCon temperature τ (default 0.1)')
-        p.add_argument('--feat_dim', type=int, default=128, help='SupCon projection size (default 128)')
+        p.add_argument('--head_dim', type=int, default=128,
+                       help="SupCon projection-head output size (SupContrast's feat_dim; default 128)")
     # ALPA
     p.add_argument('--alpa_train', action='store_true', help='train with base loss + lam·ALPA (MODE-T)')
     p.add_argument('--alpa_finetune', action='store_true', help='fine-tune --ckp with ALPA alone (MODE-F)')
     p.add_argument('--ckp', type=str, default=None, help='checkpoint to fine-tune from (required with --alpa_finetune)')
-    p.add_argument('--inner_size', type=int, default=80, help='ALPA projection size d (default 80)')
+    p.add_argument('--feat_dim', '--inner_size', dest='feat_dim', type=int, default=80,
+                   help="ALPA query/key/value size d, the authors' --feat_dim (alias --inner_size; default 80)")
+    p.add_argument('--keep_attention', action='store_true',
+                   help='with --alpa_finetune: start from the ALPA weights stored in --ckp when it has them '
+                        "(default: a fresh attention, as the authors' fine-tuning)")
     p.add_argument('--temperature_s', type=float, default=10.0, help='ALPA inverse temperature τ_s (default 10)')
     p.add_argument('--aggregation', type=str, default='mean', choices=['mean', 'max', 'sum', 'logsum'],
                    help='ALPA aggregation over positions (default mean)')
@@ -80,7 +87,13 @@ def add_train_args(parser, loss):
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--device', type=str, default=None, help='cpu, cuda (default cuda when present, else cpu)')
     p.add_argument('--resume', type=str, default=None, help="checkpoint to resume, or 'auto' for the run folder's last.pth")
-    p.add_argument('--amp', action='store_true', help='mixed precision on CUDA (bf16 autocast; fp16 + loss scaling if no bf16)')
+    p.add_argument('--amp', action='store_true',
+                   help='mixed precision: bf16 autocast on GPUs and CPUs with native bf16, fp16 + loss scaling on older '
+                        'GPUs, fp32 on CPUs without bf16; losses and ALPA cosines stay fp32 (default off)')
+    p.add_argument('--amp_dtype', default='auto', choices=['auto', 'bf16', 'fp16'],
+                   help='with --amp: force the autocast dtype (fp16 comes with loss scaling; default auto)')
+    p.add_argument('--sync_bn', '--syncBN', dest='sync_bn', action='store_true',
+                   help="under DDP, SyncBatchNorm so statistics do not depend on the GPU count (the authors' --syncBN)")
     p.add_argument('--save_folder', type=str, default='save', help='runs are written under this folder (default ./save)')
     p.add_argument('--max_steps', type=int, default=None, help='stop each epoch after this many steps (smoke tests)')
     p.add_argument('--eval_knn', type=int, default=20,
@@ -96,8 +109,10 @@ def resolve_spec(args):
     if name == 'path':
         if not (args.mean and args.std):
             raise UserError('--dataset path needs --mean and --std, e.g. --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25')
-        mean = tuple(float(x) for x in args.mean.split(','))
-        std = tuple(float(x) for x in args.std.split(','))
+        mean = data_lib.parse_floats(args.mean, '--mean')
+        std = data_lib.parse_floats(args.std, '--std')
+        if len(mean) != len(std) or len(mean) not in (1, 3):
+            raise UserError(f"--mean {args.mean!r} and --std {args.std!r} need 1 or 3 numbers each, as many means as stds")
         classes = _path_classes(args.data_folder)
         return data_lib.DatasetSpec('path', len(classes), args.size, len(mean), mean, std, 'cifar')
     spec = data_lib.get_spec(name)
@@ -193,23 +208,87 @@ def warmup_learning_rate(args, epoch, batch_id, total_batches, optimizer):
             g['lr'] = lr
 
 
+# ---------------------------------------------------------------- fingerprinted runs
+# Not part of what a run computes: how it logs, loads data, where it writes, what it
+# evaluates at the end, and how it was started.
+_FINGERPRINT_IGNORES = ('resume', 'print_freq', 'num_workers', 'save_freq', 'save_folder', 'eval_knn',
+                        'eval_max_train', 'run_dir', 'fingerprint', 'device')
+
+
+def run_fingerprint(args):
+    """The resolved config (with the sha256 of ``--ckp``'s bytes when fine-tuning) plus a
+    hash of the training code (``ALPA/``, ``util/``)."""
+    config = {k: v for k, v in vars(plain_args(args)).items() if k not in _FINGERPRINT_IGNORES}
+    if args.ckp:
+        from util.checkpoint import file_sha256
+        config['ckp_sha256'] = file_sha256(args.ckp) if os.path.isfile(args.ckp) else None
+    return fingerprint(config, TRAINING_CODE)
+
+
+def set_aside_stale_run(args, last_path):
+    """``--resume auto`` reuses a run folder only when its ``last.pth`` was made by this code
+    and config. A stale folder is renamed to ``<folder>.stale-<its fingerprint>`` (nothing
+    is deleted) and the run starts again; -> True when that happened."""
+    try:
+        old = read_checkpoint(last_path)['raw'].get('fingerprint')
+    except UserError:
+        old = None   # unreadable: treat as stale, keep it aside for inspection
+    if old == args.fingerprint:
+        return False
+    aside = f"{args.run_dir}.stale-{old or 'none'}"
+    if dist_lib.is_main():
+        n = 1
+        while os.path.exists(aside):
+            n += 1
+            aside = f"{args.run_dir}.stale-{old or 'none'}-{n}"
+        os.rename(args.run_dir, aside)
+        print(f"retraining {args.run_dir}: it was made by other code or config (fingerprint {old} != "
+              f"{args.fingerprint}); the old run is kept as {aside}")
+    if dist_lib.is_dist():
+        torch.distributed.barrier()
+    return True
+
+
 # ---------------------------------------------------------------- state for exact resume
-def rng_state():
+def rng_state(device):
+    """This process's RNG states: torch (CPU), Python, numpy, and the CUDA generator of the
+    device in use only. Saving every visible GPU's state (``get_rng_state_all``) would make a
+    resume on a machine that sees fewer GPUs fail."""
     np_state = np.random.get_state()
     state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
              'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state['torch'])
     random.setstate(_to_tuple(state['python']))
     n = state['numpy']
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if device.type == 'cuda' and cuda is not None:
+        if isinstance(cuda, (list, tuple)):   # older checkpoints: one state per visible GPU
+            cuda = cuda[min(device.index or 0, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def rank_rng_states(device):
+    """Every rank's ``rng_state`` in rank order (a list of one without DDP): each rank
+    resumes with its own generators, not rank 0's."""
+    return dist_lib.gather_objects(rng_state(device))
+
+
+def restore_rank_rng(saved, device):
+    """Restore this rank's entry of a checkpoint's ``rng`` (a list per rank, or one dict)."""
+    if isinstance(saved, dict):
+        saved = [saved]
+    r = dist_lib.rank()
+    if len(saved) != dist_lib.world_size() and dist_lib.is_main():
+        print(f"note: the checkpoint holds RNG states of {len(saved)} process(es), this run has "
+              f"{dist_lib.world_size()}; rank r resumes with state r mod {len(saved)}")
+    set_rng_state(saved[r % len(saved)], device)
 
 
 def _to_tuple(x):
@@ -218,7 +297,8 @@ def _to_tuple(x):
 
 def arch_record(args, spec):
     return {'model_arch': f"{args.model}-{args.loss}", 'width': args.width, 'in_channel': spec.channels,
-            'num_classes': spec.num_classes, 'feat_dim': getattr(args, 'feat_dim', None), 'size': spec.size,
+            'num_classes': spec.num_classes, 'head_dim': args.head_dim if args.loss == 'supcon' else None,
+            'inner_size': args.feat_dim, 'size': spec.size,
             'dataset': spec.name, 'mean': list(spec.mean), 'std': list(spec.std),
             'id_classes': list(args.id_classes) if args.id_classes else None}
 
@@ -235,12 +315,11 @@ class Trainer:
     def __init__(self, args, model, attention, optimizer, device, scaler, writer=None):
         self.args, self.model, self.attention = args, model, attention
         self.optimizer, self.device, self.scaler, self.writer = optimizer, device, scaler, writer
-        self.supcon = SupConLoss(temperature=getattr(args, 'temp', 0.07)) if args.loss == 'supcon' else None
+        self.supcon = SupConLoss(temperature=args.temp) if args.loss == 'supcon' else None
         self.alpa = ALPALoss(args.temperature_s)
         self.use_alpa = args.alpa_train or args.alpa_finetune
         self.use_base = not args.alpa_finetune
-        amp = args.amp and device.type == 'cuda'
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+        self.amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
 
     def losses(self, images, labels):
         """images [2B, ...] (view-major), labels [B] -> dict of scalar loss terms (global batch)."""
@@ -269,24 +348,26 @@ class Trainer:
         return terms
 
     def train_one_epoch(self, loader, epoch, global_step):
+        """One pass over ``loader``. Numbers leave the device only every ``--print_freq`` steps
+        and at the end (each read is a host sync): the running sums, and the index of the
+        first step whose loss was not finite, stay on the device until then."""
         args = self.args
         self.model.train()
         if self.attention is not None:
             self.attention.train()
         totals, n_seen, t0 = {}, 0, time.perf_counter()
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         n_batches = len(loader) if args.max_steps is None else min(len(loader), args.max_steps)
         bar = progress(loader, desc=f'epoch {epoch}/{args.epochs}', total=n_batches) if dist_lib.is_main() else loader
         for idx, (images, labels) in enumerate(bar):
-            if args.max_steps is not None and idx >= args.max_steps:
+            if idx >= n_batches:
                 break
-            images = torch.cat(images, 0) if isinstance(images, (list, tuple)) else images
-            images = images.to(self.device, non_blocking=True)
+            images = self.to_device(images)
             labels = labels.to(self.device, non_blocking=True)
-            warmup_learning_rate(args, epoch, idx, len(loader), self.optimizer)
+            warmup_learning_rate(args, epoch, idx, n_batches, self.optimizer)
             terms = self.losses(images, labels)
             loss = terms['loss']
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(epoch, idx, {k: v.item() for k, v in terms.items()})
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), idx, first_bad)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -294,21 +375,32 @@ class Trainer:
             bs = labels.shape[0] * dist_lib.world_size()
             n_seen += bs
             for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v.item() * bs
+                totals[k] = totals.get(k, 0.0) + v.detach() * bs
             global_step += 1
-            if self.writer is not None and (idx + 1) % args.print_freq == 0:
-                lr = self.optimizer.param_groups[0]['lr']
-                for k, v in terms.items():
-                    self.writer.add_scalar(f"train/{k}", v.item(), global_step)
-                self.writer.add_scalar('train/lr', lr, global_step)
-                self.writer.add_scalar('train/images_per_s', n_seen / (time.perf_counter() - t0), global_step)
-            if hasattr(bar, 'set_postfix'):
-                bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()}, refresh=False)
+            last = idx + 1 == n_batches
+            if (idx + 1) % args.print_freq == 0 or last:
+                if int(first_bad) >= 0:
+                    raise NonFiniteLoss(epoch, int(first_bad), {k: float(v.detach()) for k, v in terms.items()})
+                if self.writer is not None:
+                    for k, v in terms.items():
+                        self.writer.add_scalar(f"train/{k}", float(v.detach()), global_step)
+                    self.writer.add_scalar('train/lr', self.optimizer.param_groups[0]['lr'], global_step)
+                    self.writer.add_scalar('train/images_per_s', n_seen / (time.perf_counter() - t0), global_step)
+                if hasattr(bar, 'set_postfix'):
+                    bar.set_postfix({k: f"{float(v.detach()):.3f}" for k, v in terms.items()}, refresh=False)
         elapsed = time.perf_counter() - t0
-        stats = {k: v / max(n_seen, 1) for k, v in totals.items()}
+        stats = {k: float(v) / max(n_seen, 1) for k, v in totals.items()}
         stats['images_per_s'] = n_seen / max(elapsed, 1e-9)
         stats['lr'] = self.optimizer.param_groups[0]['lr']
         return stats, global_step
+
+    def to_device(self, images):
+        """A batch (or SupCon's list of views) -> one tensor on the device. Each view is copied
+        on its own (asynchronously from pinned memory) and the views are joined there, not on
+        the CPU, where ``torch.cat`` would make an unpinned copy first."""
+        if isinstance(images, (list, tuple)):
+            return torch.cat([v.to(self.device, non_blocking=True) for v in images], 0)
+        return images.to(self.device, non_blocking=True)
 
 
 def _views_to_sup(out, bsz, world):
@@ -383,43 +475,55 @@ def run(args, loss):
     set_seed(args.seed + dist_lib.rank())
     spec = resolve_spec(args)
     two_views = loss == 'supcon' or args.alpa_train or args.alpa_finetune
-    dataset = build_train_dataset(args, spec, data_lib.train_transform(spec, two_crop=two_views))
+    dataset = build_train_dataset(args, spec, data_lib.train_transform(spec, two_crop=two_views, recipe=loss))
     world = dist_lib.world_size()
     if args.batch_size % world:
         raise UserError(f'--batch_size {args.batch_size} must be divisible by the {world} processes')
     local_bs = args.batch_size // world
     if len(dataset) < args.batch_size:
         raise UserError(f'--batch_size {args.batch_size} is larger than the training set ({len(dataset)} images)')
+    # One process keeps the last partial batch, as the authors' and SupContrast's loaders do.
+    # Under DDP every rank must send the same number of rows to the all-gather, so the
+    # sampler and the loader drop the ragged end instead (said once in the log).
     sampler = (torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True)
                if world > 1 else None)
+    if world > 1 and dist_lib.is_main() and len(dataset) % args.batch_size:
+        print(f"note: DDP drops the last {len(dataset) % args.batch_size} images of each epoch (equal shards "
+              f"for the all-gather); one process keeps them")
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=local_bs, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        dataset, batch_size=local_bs, shuffle=sampler is None, sampler=sampler, drop_last=world > 1,
         num_workers=args.num_workers, pin_memory=device.type == 'cuda', persistent_workers=False)
 
     net = build_model(f'{args.model}-{loss}', num_classes=spec.num_classes, in_channel=spec.channels,
-                      feat_dim=getattr(args, 'feat_dim', 128), width=args.width)
+                      feat_dim=args.head_dim if loss == 'supcon' else 128, width=args.width)
     attention = None
     if args.alpa_train or args.alpa_finetune:
-        attention = AttentionSimilarity(net.encoder.out_dim, args.inner_size, args.aggregation,
+        attention = AttentionSimilarity(net.encoder.out_dim, args.feat_dim, args.aggregation,
                                         drop_prob=args.drop_prob)
     if args.alpa_finetune:
         ck = read_checkpoint(args.ckp)
         load_weights(net, ck['model'], path=args.ckp)
-        if ck['attention']:
+        if args.keep_attention and ck['attention']:
             load_weights(attention, ck['attention'], path=args.ckp + ' (attention)')
+    if args.sync_bn and world > 1:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)   # statistics over the global batch
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True                # fixed input sizes: let cuDNN pick kernels
     net.to(device)
     if attention is not None:
         attention.to(device)
     params = list(net.parameters()) + (list(attention.parameters()) if attention is not None else [])
     optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == 'cuda'
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, args.amp, args.amp_dtype) == torch.float16)
 
     start_epoch, global_step = 1, 0
     last_path = os.path.join(args.run_dir, 'last.pth')
+    args.fingerprint = run_fingerprint(args)
     resume = last_path if args.resume == 'auto' else args.resume
     if resume == last_path and args.resume == 'auto' and not os.path.exists(last_path):
         resume = None  # 'auto' on a fresh run folder starts from scratch
+    elif args.resume == 'auto':
+        resume = None if set_aside_stale_run(args, last_path) else resume
     if resume:
         ck = read_checkpoint(resume)
         raw = ck['raw']
@@ -434,8 +538,7 @@ def run(args, loss):
         start_epoch = int(raw['epoch']) + 1
         global_step = int(raw.get('global_step', 0))
         if 'rng' in raw:
-            set_rng_state(raw['rng'][min(dist_lib.rank(), len(raw['rng']) - 1)]
-                          if isinstance(raw['rng'], list) else raw['rng'])
+            restore_rank_rng(raw['rng'], device)
         if dist_lib.is_main():
             print(f"resumed from {resume} at epoch {start_epoch}")
 
@@ -457,11 +560,13 @@ def run(args, loss):
               f"{device} x{world} | run folder {args.run_dir}")
     trainer = Trainer(args, forward, att, optimizer, device, scaler, writer)
 
-    def checkpoint(epoch):
-        state = {'model': net.state_dict(), 'attention': attention.state_dict() if attention is not None else None,
-                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
-                 'global_step': global_step, 'opt': plain_args(args), 'arch': arch_record(args, spec),
-                 'rng': rng_state()}
+    def checkpoint(epoch, rng):
+        state = {'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                 'epoch': epoch, 'global_step': global_step, 'opt': plain_args(args), 'arch': arch_record(args, spec),
+                 'fingerprint': args.fingerprint,
+                 'rng': rng}
+        if attention is not None:  # absent, not None: the authors' loader reads any 'attention' it finds
+            state['attention'] = attention.state_dict()
         return state
 
     stats = {}
@@ -474,11 +579,12 @@ def run(args, loss):
         except NonFiniteLoss as e:
             kept = last_path if os.path.exists(last_path) else 'none written yet'
             raise UserError(f"{e}; stopped, last good checkpoint: {kept}. Lower --learning_rate or drop --amp") from None
+        rng = rank_rng_states(device)   # a collective: every rank takes part
         if dist_lib.is_main():
             print(f"epoch {epoch}: " + ', '.join(f"{k} {v:.4f}" for k, v in stats.items()))
             for k, v in stats.items():
                 writer.add_scalar(f'epoch/{k}', v, epoch)
-            state = checkpoint(epoch)
+            state = checkpoint(epoch, rng)
             save_checkpoint(state, last_path)
             if args.save_freq and epoch % args.save_freq == 0:
                 save_checkpoint(state, os.path.join(args.run_dir, f'ckpt_epoch_{epoch}.pth'))

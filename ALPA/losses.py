@@ -82,8 +82,8 @@ class SupConLoss(nn.Module):
         num_anchors = anchors.shape[0]
         logits = anchors @ contrast.T / self.temperature  # [A, V·B]
         positive_mask = mask.repeat(num_anchors // batch, n_views)  # [A, V·B]
-        self_mask = torch.zeros_like(logits, dtype=torch.bool)
-        self_mask[torch.arange(num_anchors), torch.arange(num_anchors)] = True
+        # Built on the device: indexing a CUDA tensor with CPU aranges costs a transfer and a sync.
+        self_mask = torch.eye(num_anchors, logits.shape[1], dtype=torch.bool, device=device)
         mean_log_prob = mean_log_prob_positives(logits, self_mask, positive_mask)  # [A]
         return -(self.temperature / self.base_temperature) * mean_log_prob.mean()
 

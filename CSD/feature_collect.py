@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from util import data as data_lib
-from util.checkpoint import file_sha256, load_weights, read_checkpoint
+from util.checkpoint import file_sha256, load_model
 from util.errors import UserError, run_cli
 from util.features import SCALES, collect_features
+from util.fingerprint import FEATURE_CODE, code_hash
 from util.misc import default_workers, pick_device, progress
-from util.networks import ENCODERS, MODEL_ARCHS, build_model
+from util.networks import MODEL_ARCHS
 
 FEATURE_VERSION = 1  # bump when the pooling changes, so old caches are not reused
 DEFAULT_OOD = {
@@ -63,6 +64,10 @@ def add_feature_args(parser):
     parser.add_argument('--cache-dir', default='cache', help='feature cache root (default ./cache)')
     parser.add_argument('--max-train', type=int, default=None,
                         help='use a seeded random subset of this many ID training images as the bank (default all)')
+    parser.add_argument('--test-norm', default=None,
+                        help="test-time Normalize: paper (the authors' test pipeline: CIFAR-10's constants for "
+                             "CIFAR-10 and CIFAR-100), train (the ID set's own training statistics), or MEAN,STD "
+                             "numbers (default: what the checkpoint records, else paper)")
     parser.add_argument('--download', action='store_true', help='let torchvision download CIFAR/Fashion-MNIST if missing')
     return parser
 
@@ -74,55 +79,46 @@ def get_args_parser():
     return parser
 
 
-# ---------------------------------------------------------------- model from a checkpoint
-def infer_arch(ckpt, state):
-    """Architecture name from our record, the authors' ``opt.model``, or the keys."""
-    if ckpt['arch'] and ckpt['arch'].get('model_arch'):
-        return ckpt['arch']['model_arch']
-    kind = 'supcon' if any(k.startswith('head.') for k in state) else 'ce'
-    opt = ckpt['opt']
-    base = getattr(opt, 'model', None) if opt is not None else None
-    if base in ENCODERS:
-        return f'{base}-{kind}'
-    return None
+# ---------------------------------------------------------------- normalisation
+def resolve_test_norm(choice, spec, record):
+    """-> (mean, std, label) of the test-time Normalize.
+
+    Default (``choice`` None): the statistics the checkpoint records it was trained with
+    (ours do), else the authors' test pipeline (``paper``: CIFAR-10's constants for CIFAR-10
+    and CIFAR-100, PAPER §5b). ``train``: the ID set's own training statistics.
+    ``MEAN,STD``: 2·channels numbers, the means first (``'(0.5,0.5,0.5),(0.25,0.25,0.25)'``)."""
+    if choice is None:
+        if record.get('mean') and record.get('std'):
+            return tuple(record['mean']), tuple(record['std']), 'checkpoint'
+        choice = 'paper'
+    if choice == 'paper':
+        return (*data_lib.paper_test_norm(spec), 'paper')
+    if choice == 'train':
+        return spec.mean, spec.std, 'train'
+    values = data_lib.parse_floats(choice, '--test-norm')
+    if len(values) != 2 * spec.channels:
+        raise UserError(f"--test-norm {choice!r}: give paper, train, or {2 * spec.channels} numbers "
+                        f"({spec.channels} means, then {spec.channels} stds) for {spec.name}")
+    return values[:spec.channels], values[spec.channels:], 'given'
 
 
-def load_model(ckp, model_arch=None, spec=None):
-    """-> (model, info). Shapes (width, input channels, classes, head size) come from the
-    checkpoint's tensors, so only the architecture family has to be named."""
-    ckpt = read_checkpoint(ckp)
-    state = ckpt['model']
-    arch = model_arch or infer_arch(ckpt, state)
-    if arch is None:
-        raise UserError(f"{ckp} does not record its architecture: pass --model-arch ({', '.join(MODEL_ARCHS)})")
-    if arch not in MODEL_ARCHS:
-        raise UserError(f"unknown --model-arch {arch!r}; known: {', '.join(MODEL_ARCHS)}")
-    conv1 = state.get('encoder.conv1.weight', state.get('conv1.weight'))
-    kwargs = {}
-    if conv1 is not None and conv1.dim() == 4:
-        kwargs['in_channel'] = conv1.shape[1]
-        if not arch.startswith('resnet50-imagenet'):
-            kwargs['width'] = conv1.shape[0]
-    if 'fc.weight' in state:
-        kwargs['num_classes'] = state['fc.weight'].shape[0]
-    if 'head.2.weight' in state:
-        kwargs['feat_dim'] = state['head.2.weight'].shape[0]
-    model = build_model(arch, **kwargs)
-    load_weights(model, state, path=ckp)
-    record = dict(ckpt['arch'] or {})
-    record.update(model_arch=arch, **kwargs)
-    return model, {'arch': arch, 'record': record, 'epoch': ckpt['epoch'], 'attention': ckpt['attention'],
-                   'opt': ckpt['opt']}
+def describe_norm(norm):
+    mean, std, label = norm
+    fmt = lambda v: '(' + ','.join(f'{x:g}' for x in v) + ')'
+    return f"test norm {label} {fmt(mean)}/{fmt(std)}"
 
 
 # ---------------------------------------------------------------- cache
-def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train, source=None):
+def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train, source=None, device='cpu'):
     """``source``: where the split's images are read from (the absolute data root, or the
-    image folder itself), so the same names under another ``--data-root`` do not hit."""
-    payload = json.dumps({'ckp': ckp_hash, 'arch': arch, 'in': in_dataset, 'split': split,
+    image folder itself), so the same names under another ``--data-root`` do not hit.
+    ``device``: its type ('cpu', 'cuda'): features made on a GPU (other kernels, other last
+    bits) and on a CPU are never mixed in one run, not even in fp32. The key also hashes the
+    extraction code (``util/``, this file), so features made by older code are recomputed."""
+    payload = json.dumps({'ckp': ckp_hash, 'arch': arch, 'in': in_dataset, 'split': split, 'device': device,
                           'transform': repr(transform), 'scales': SCALES, 'v': FEATURE_VERSION,
                           'id_classes': id_classes, 'max_train': max_train if split == 'train' else None,
-                          'source': source},
+                          'source': source, 'code': code_hash(FEATURE_CODE)},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -177,7 +173,8 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
     """Features for 'train', 'test' and each OOD set; reuse valid caches, compute the rest.
     -> {split: {'features', 'labels', ['logits'], 'meta'}}."""
     id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
-    transform = data_lib.test_transform(spec)
+    mean, std, _ = info['norm']
+    transform = data_lib.test_transform(spec, mean, std)
     ckp_hash = file_sha256(args.ckp)
     name = run_name(args)
     out_names = args.out_datasets if args.out_datasets is not None else default_ood(args.in_dataset, id_classes)
@@ -188,7 +185,8 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
     splits = {}
     for split in ['train', 'test', *out_names]:
         source = os.path.abspath(split) if split in folders else data_root
-        key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source)
+        key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source,
+                        device.type)
         path = split_dir(args.cache_dir, spec.name, name, _split_label(split), key)
         cached = None if force else load_split(path)
         if cached is not None:
@@ -221,7 +219,7 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
             log(f"[warn] {split}: skipped {result['skipped']} of {len(dataset)} unreadable files")
         write_split(path, result, {'split': split, 'in_dataset': spec.name, 'arch': info['arch'],
                                    'ckp': str(args.ckp), 'ckp_sha256': ckp_hash, 'key': key,
-                                   'id_classes': id_classes, 'transform': repr(transform)})
+                                   'id_classes': id_classes, 'transform': repr(transform), 'device': device.type})
         log(f"[features] {split}: {result['n']} images -> {path}")
         splits[_split_label(split)] = load_split(path)
     return splits
@@ -244,7 +242,8 @@ def prepare(args):
     device = pick_device(args.device)
     spec = data_lib.get_spec(args.in_dataset)
     args.in_dataset = spec.name
-    model, info = load_model(args.ckp, args.model_arch, spec)
+    model, info = load_model(args.ckp, args.model_arch, spec.name)
+    info['norm'] = resolve_test_norm(args.test_norm, spec, info['record'])
     id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
     if id_classes is not None:
         spec = data_lib.DatasetSpec(**{**spec.__dict__, 'num_classes': len(id_classes)})
@@ -257,7 +256,7 @@ def prepare(args):
 
 def main(args):
     device, spec, model, info = prepare(args)
-    print(f"model {info['arch']} from {args.ckp} on {device}")
+    print(f"model {info['arch']} from {args.ckp} on {device} | {describe_norm(info['norm'])}")
     splits = get_splits(args, model, info, spec, device, force=args.force)
     for name, s in splits.items():
         print(f"  {name:<24} {tuple(s['features'].shape)}")

@@ -45,7 +45,7 @@ def main(args):
         params = list(net.parameters()) + (list(att.parameters()) if att is not None else [])
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
         ns = argparse.Namespace(loss='supcon', temp=0.1, temperature_s=10.0, lam=1.0, amp=args.amp,
-                                alpa_train=mode != 'Base', alpa_finetune=False)
+                                amp_dtype='auto', alpa_train=mode != 'Base', alpa_finetune=False)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         trainers[mode] = (Trainer(ns, TrainForward(net), att, opt, device, scaler), opt, scaler)
 

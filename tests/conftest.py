@@ -21,3 +21,8 @@ def data_root(tmp_path_factory):
     write_image_folder(str(root / 'ood_data' / 'places365' / 'test_subset'), 8, size=40, nested=True)
     write_image_folder(str(root / 'my_ood_folder'), 6, size=32)
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes more than ~20 s on 2 CPU cores; skip with -m "not slow"')
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one)')

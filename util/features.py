@@ -1,4 +1,5 @@
 """Multi-scale features (PAPER §2) and the one feature-extraction loop every score uses."""
+import contextlib
 import math
 import warnings
 
@@ -38,13 +39,33 @@ def l2_normalize(x, axis=-1):
     return x / (np.linalg.norm(x, axis=axis, keepdims=True) + 1e-10)
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def exact_fp32(device):
+    """TF32 off for cuDNN convolutions and CUDA matmuls (on by default for convolutions on
+    Ampere and later), restored afterwards: test-time features are fp32 on every device."""
+    if torch.device(device).type != 'cuda':
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def collect_features(model, loader, device, with_logits=None, progress=None):
-    """One forward pass over ``loader`` -> dict of numpy arrays: ``features`` [N, 6, C]
+    """One forward pass over ``loader`` (TF32 off, see ``exact_fp32``) -> dict of numpy arrays: ``features`` [N, 6, C]
     (raw, un-normalised, fp32 — no autocast, so the numbers do not depend on the device's
     reduced-precision kernels), ``labels`` [N], and ``logits`` [N, K] when the model has a
     classifier. Batches may be smaller than requested (corrupt images dropped by the
     collate); ``skipped`` counts the images that never arrived."""
+    with exact_fp32(device):
+        return _collect_features(model, loader, device, with_logits, progress)
+
+
+@torch.no_grad()
+def _collect_features(model, loader, device, with_logits=None, progress=None):
     model.eval()
     if with_logits is None:
         with_logits = hasattr(model, 'fc')

@@ -1,0 +1,157 @@
+"""Every CUDA path our users run first, on a real GPU (issue 13). Skipped without CUDA.
+
+``bench/gpu_check.sh`` runs this module and prints one PASS/FAIL line per test; the
+tolerances are stated in each test. On CPU these checks have CPU twins in
+``tests/test_cuda_paths_on_cpu.py``.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(data_root, save, *extra, script='supcon', epochs=1):
+    argv = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '8',
+            '--batch_size', '16', '--epochs', str(epochs), '--learning_rate', '0.05', '--num_workers', '0',
+            '--save_folder', str(save), '--eval_knn', '-1', '--feat_dim', '16', *extra]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'ALPA', f'main_{script}.py'), *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [os.path.join(d, 'last.pth') for d, _, fs in os.walk(save) if 'last.pth' in fs]
+    assert len(last) == 1
+    return last[0], proc.stdout
+
+
+def test_train_amp_bf16(data_root, tmp_path):
+    last, out = train(data_root, tmp_path, '--amp', '--device', 'cuda')
+    raw = torch.load(last, weights_only=False)
+    assert 'cuda' in raw['rng'][0] and torch.is_tensor(raw['rng'][0]['cuda'])   # one state: the device in use
+
+
+def test_train_fp16_gradscaler_saved_and_resumed(data_root, tmp_path):
+    # bf16 forced off: the fp16 + GradScaler path of pre-Ampere GPUs, run here.
+    argv = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '8',
+            '--batch_size', '16', '--learning_rate', '0.05', '--num_workers', '0', '--save_folder', str(tmp_path),
+            '--eval_knn', '-1', '--amp', '--amp_dtype', 'fp16', '--device', 'cuda', '--resume', 'auto']
+    for epochs in ('1', '2'):
+        proc = subprocess.run([sys.executable, os.path.join(REPO, 'ALPA', 'main_supcon.py'), *argv, '--epochs', epochs],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [os.path.join(d, 'last.pth') for d, _, fs in os.walk(tmp_path) if 'last.pth' in fs][0]
+    raw = torch.load(last, weights_only=False)
+    assert raw['epoch'] == 2 and raw['scaler'] and raw['scaler']['scale'] > 0 and 'resumed from' in proc.stdout
+
+
+def test_alpa_train_with_dropout_then_finetune(data_root, tmp_path):
+    last, _ = train(data_root, tmp_path / 'a', '--alpa_train', '--drop_prob', '0.1', '--device', 'cuda')
+    ft, _ = train(data_root, tmp_path / 'b', '--alpa_finetune', '--ckp', last, '--device', 'cuda:0')
+    assert torch.load(ft, weights_only=False)['attention']
+
+
+def test_resume_with_more_saved_cuda_states_than_gpus(data_root, tmp_path):
+    last, _ = train(data_root, tmp_path, '--device', 'cuda')
+    raw = torch.load(last, weights_only=False)
+    state = raw['rng'][0]
+    state['cuda'] = [state['cuda']] * (torch.cuda.device_count() + 3)   # saved on a bigger machine
+    torch.save(raw, last)
+    _, out = train(data_root, tmp_path, '--device', 'cuda', '--resume', 'auto', epochs=2)
+    assert 'resumed from' in out
+
+
+def test_alpa_gradcheck_float64_and_reference_on_cuda():
+    from ALPA.attention import AttentionSimilarity
+    from tests.reference_alpa import reference_similarity
+    torch.manual_seed(0)
+    att = AttentionSimilarity(6, 4).double().cuda()
+    x = torch.randn(4, 6, 2, 2, dtype=torch.float64, device='cuda', requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: att(t), (x,), atol=1e-6)
+    np.testing.assert_allclose(att(x).detach().cpu().numpy(), reference_similarity(att, x, x).detach().cpu().numpy(),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_nccl_world_size_one(tmp_path):
+    code = f'''
+import os, torch, torch.distributed as dist, sys
+sys.path.insert(0, {REPO!r})
+os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29533', RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')
+dist.init_process_group('nccl', device_id=torch.device('cuda', 0))
+from util.distributed import _GatherWithGrad
+x = torch.randn(3, 4, 2, 2, device='cuda').contiguous(memory_format=torch.channels_last).requires_grad_()
+y = _GatherWithGrad.apply(x)
+assert torch.equal(y, x)
+y.sum().backward()
+assert torch.equal(x.grad, torch.ones_like(x))
+m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).cuda()
+ddp = torch.nn.parallel.DistributedDataParallel(m, device_ids=[0], find_unused_parameters=True)
+ddp.module[0](torch.randn(2, 4, device='cuda')).sum().backward()   # second layer unused
+dist.destroy_process_group()
+print('ok')
+'''
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize('tf32', [False, True])
+def test_features_and_scores_cuda_equal_cpu(data_root, tmp_path, tf32):
+    """feature_collect + CSD.py on cuda (torch and faiss search) against CPU. Features are
+    extracted with TF32 off whatever the global setting, so they agree to 1e-4 (relative)."""
+    from CSD import CSD as csd_cli
+    from tests.test_e2e_csd import authors_checkpoint
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    authors_checkpoint(tmp_path / 'ckpt.pth')
+    out = {}
+    for device, search in (('cpu', 'torch'), ('cuda', 'torch'), ('cuda', 'faiss')):
+        out[device, search] = csd_cli.main(csd_cli.get_args_parser().parse_args([
+            '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ckpt.pth'), '--data-root', str(data_root),
+            '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',
+            '--device', device, '--search', search, '--out-datasets', 'SVHN', 'dtd', '--method', 'knn', 'csd',
+            '--k', '5', '3']))
+    ref = out['cpu', 'torch']
+    for key, got in out.items():
+        np.testing.assert_allclose(got['splits']['test']['features'], ref['splits']['test']['features'],
+                                   rtol=1e-4, atol=1e-5)
+        for m in ('knn', 'csd'):
+            np.testing.assert_allclose(got['scores'][m][0], ref['scores'][m][0], rtol=1e-4, atol=1e-5)
+
+
+def test_search_peak_gpu_memory_under_budget():
+    from CSD.scoring import ExactKNN
+    bank = np.random.default_rng(0).standard_normal((300_000, 512)).astype(np.float32)
+    q = np.random.default_rng(1).standard_normal((8192, 512)).astype(np.float32)
+    budget = 512 << 20
+    search = ExactKNN(bank, device='cuda', backend='torch', mem_budget=budget)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    search.kth_distance(q, 10)
+    peak = torch.cuda.max_memory_allocated() - base
+    print(f'peak above the bank: {peak / 2**20:.0f} MiB (budget {budget / 2**20:.0f} MiB)')
+    assert peak <= budget * 1.25
+
+
+def test_faiss_gpu_k_2049():
+    from CSD.scoring import ExactKNN, _faiss_gpu_available
+    bank = np.random.default_rng(0).standard_normal((5000, 16)).astype(np.float32)
+    q = bank[:7]
+    s = ExactKNN(bank, device='cuda', backend='faiss', k_max=2049)
+    if _faiss_gpu_available():
+        assert s.backend == 'torch'
+    cpu = ExactKNN(bank, backend='torch').kth_distance(q, 2049)
+    np.testing.assert_allclose(s.kth_distance(q, 2049), cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('bench', [['bench/bench_csd.py', '--repeats', '1', '--device', 'cuda'],
+                                   ['bench/bench_alpa.py', '--repeats', '1', '--device', 'cuda'],
+                                   ['bench/bench_train_step.py', '--repeats', '1', '--device', 'cuda']])
+def test_benchmarks_run_on_cuda(bench):
+    proc = subprocess.run([sys.executable, *bench], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout[-1500:])
