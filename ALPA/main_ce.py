@@ -5,27 +5,16 @@
     ALPA-finetune:  python ALPA/main_ce.py --batch_size 128 --learning_rate 0.1 --cosine \
                         --alpa_finetune --ckp save/SupCE/cifar10_models/<base run>/last.pth
 
-Multi-GPU: torchrun --nproc_per_node=N ALPA/main_ce.py ... (--batch_size is the global batch).
+The same entry as ``main_supcon.py`` with the CE loss, SupContrast's CE augmentation and
+its defaults (batch 256); every flag is documented there and in ``--help``.
 """
-import argparse
-import sys
-from pathlib import Path
+import functools
 
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python ALPA/main_ce.py`
-
-from ALPA.engine import add_train_args, run
+from ALPA.main_supcon import get_args_parser as _get_args_parser
+from ALPA.main_supcon import main  # noqa: F401  (the entry point; args carry loss='ce')
 from util.errors import run_cli
 
-
-def get_args_parser():
-    parser = argparse.ArgumentParser('MODE training (ce)', add_help=True)
-    return add_train_args(parser, 'ce')
-
-
-def main(args):
-    return run(args, 'ce')
-
+get_args_parser = functools.partial(_get_args_parser, 'ce')
 
 if __name__ == '__main__':
     run_cli(main, get_args_parser().parse_args())

@@ -9,15 +9,18 @@ FPR (FPR95, ID positive) AUROC AUIN, ×100; it is also written as CSV, JSON and 
 under ``--output-dir/<in-dataset>/<name>/``.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python CSD/CSD.py`
+if __name__ == '__main__' and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    # `python CSD/CSD.py` puts CSD/ first on sys.path, where this very file would shadow the
+    # CSD package (`import CSD.scoring` would find CSD.py): drop that entry. The only sys.path
+    # change in the project; the package itself is importable through the editable install.
+    del sys.path[0]
 
-import numpy as np
-import torch
+import torch  # noqa: E402  (after the sys.path fix above)
 
 from CSD.feature_collect import add_feature_args, describe_norm, get_splits, prepare, run_name
 from CSD.scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k

@@ -16,17 +16,14 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import warnings
 from pathlib import Path
-
-if __package__ in (None, ''):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python CSD/feature_collect.py`
 
 import numpy as np
 import torch
 
 from util import data as data_lib
+from util import ood as ood_lib
 from util.checkpoint import file_sha256, load_model
 from util.errors import UserError, run_cli
 from util.features import SCALES, collect_features
@@ -180,7 +177,7 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
     out_names = args.out_datasets if args.out_datasets is not None else default_ood(args.in_dataset, id_classes)
     # Every OOD name is checked before the first forward pass: a typo in the last name should
     # not cost the minutes of extracting the ID training features first.
-    folders = {n for n in out_names if data_lib.resolve_ood_name(n) not in data_lib.OOD_DATASETS}
+    folders = {n for n in out_names if ood_lib.resolve_ood_name(n) not in ood_lib.OOD_DATASETS}
     data_root = os.path.abspath(args.data_root)
     splits = {}
     for split in ['train', 'test', *out_names]:
@@ -202,7 +199,7 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
                 keep = np.sort(rng.choice(len(dataset), args.max_train, replace=False))
                 dataset = torch.utils.data.Subset(dataset, keep.tolist())
         else:
-            dataset = data_lib.get_ood_dataset(split, args.data_root, spec, transform, id_classes)
+            dataset = ood_lib.get_ood_dataset(split, args.data_root, spec, transform, id_classes)
             ignored = getattr(dataset, 'ignored_files', [])
             if ignored:
                 shown = ', '.join(os.path.basename(f) for f in ignored[:5]) + (' ...' if len(ignored) > 5 else '')
@@ -211,7 +208,7 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
             dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
             pin_memory=device.type == 'cuda', collate_fn=data_lib.collate_skip_none,
             persistent_workers=False)
-        result = collect_features(model, loader, device,
+        result = collect_features(model, loader, device, source=f"checkpoint {args.ckp}",
                                   progress=lambda it, s=split: progress(it, desc=f'features {s}'))
         if keep is not None:
             result['indices'] = keep  # rows of the bank -> images of the training set

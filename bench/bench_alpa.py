@@ -15,14 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from ALPA.attention import AttentionSimilarity
+from ALPA.losses import ALPALoss
+from ALPA.reference import reference_similarity
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-
-from ALPA.attention import AttentionSimilarity  # noqa: E402
-from ALPA.losses import ALPALoss  # noqa: E402
-from tests.reference_alpa import reference_similarity  # noqa: E402
 
 
 def get_args_parser():

@@ -13,11 +13,7 @@ Runs alternate (bare, ours, bare, ours, ...) and the medians are compared.
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faiss
 import numpy as np

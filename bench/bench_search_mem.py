@@ -3,11 +3,11 @@
     python bench/bench_search_mem.py --bank 200000 --dim 256 --queries 8192 --k 50
 
 Prints the peak resident memory (VmHWM) above what the process held once the bank and
-queries were built, and the time. Run each configuration in a fresh process.
+queries were built, and the time. Run each configuration in a fresh process. To measure
+another checkout, put it first on the path: ``PYTHONPATH=/path/to/other python bench/...``.
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -28,10 +28,8 @@ def main():
     p.add_argument('--dim', type=int, default=256, help='dimension (default 256)')
     p.add_argument('--queries', type=int, default=8192, help='query vectors (default 8192)')
     p.add_argument('--k', type=int, default=50, help='neighbours (default 50)')
-    p.add_argument('--repo', default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   help='checkout whose CSD.scoring is measured (default this one)')
     args = p.parse_args()
-    sys.path.insert(0, args.repo)   # a benchmark may measure another checkout (before/after)
+    import CSD.scoring
     from CSD.scoring import knn_scores
     torch.set_num_threads(os.cpu_count() or 1)
     bank = np.random.default_rng(0).standard_normal((args.bank, args.dim), dtype=np.float32)
@@ -42,7 +40,8 @@ def main():
     dt = time.perf_counter() - t0
     assert np.isfinite(s).all()
     print(f"bank {args.bank}x{args.dim} ({bank.nbytes / 2**20:.0f} MiB), {args.queries} queries, k {args.k}, "
-          f"{torch.get_num_threads()} threads, repo {args.repo}: peak above the bank "
+          f"{torch.get_num_threads()} threads, code {os.path.dirname(os.path.dirname(CSD.scoring.__file__))}: "
+          f"peak above the bank "
           f"{(hwm_bytes() - base) / 2**30:.2f} GiB, {dt:.1f} s")
 
 

@@ -17,11 +17,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
@@ -120,6 +117,7 @@ def draw_figures(args, seed, scored, out):
     """Histograms and ROC per model, t-SNE Base vs ALPA, k-NN retrieval grid."""
     from CSD.visualize import plot_knn_grid, plot_roc, plot_score_histograms, plot_tsne
     from util import data as data_lib
+    from util import ood as ood_lib
     from util.features import SCALES, l2_normalize
     paths = []
     for model, res in scored.items():
@@ -152,7 +150,7 @@ def draw_figures(args, seed, scored, out):
     spec = data_lib.get_spec('fashion-mnist')
     train_imgs = data_lib.get_id_dataset('fashion-mnist', args.data_root, 'train', None, args.id_classes)
     test_imgs = data_lib.get_id_dataset('fashion-mnist', args.data_root, 'test', None, args.id_classes)
-    held = data_lib.get_ood_dataset('fashion-mnist-heldout', args.data_root, spec, None, args.id_classes)
+    held = ood_lib.get_ood_dataset('fashion-mnist-heldout', args.data_root, spec, None, args.id_classes)
     for model in ('Base', 'ALPA-finetune'):
         sp = scored[model]['splits']
         bank = l2_normalize(np.asarray(sp['train']['features']))           # [N, 6, C]
@@ -190,7 +188,6 @@ def draw_figures(args, seed, scored, out):
 
 
 def main(args):
-    from util.metrics import format_table
     t_start = time.perf_counter()
     per_seed, timings = {}, {}
     for seed in args.seeds:

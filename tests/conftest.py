@@ -26,3 +26,11 @@ def data_root(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes more than ~20 s on 2 CPU cores; skip with -m "not slow"')
     config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one)')
+
+
+def pytest_collection_modifyitems(config, items):
+    # The one-line-error CLI cases share a module fixture that runs every bad input through
+    # the real entry scripts (~25 s): all of them are slow.
+    for item in items:
+        if 'cli_errors' in getattr(item, 'fixturenames', ()):
+            item.add_marker(pytest.mark.slow)

@@ -174,3 +174,32 @@ def write_imagenet(root, num_classes=3, n_per_class=2, size=40, seed=0):
                 img = rng.integers(0, 256, size=(size, size + 8, 3), dtype=np.uint8)
                 Image.fromarray(img).save(os.path.join(folder, f'{wnid}_{i}.JPEG'), format='JPEG')
     return sorted(classes)
+
+
+# ---------------------------------------------------------------- the one tiny-training helper
+def tiny_train_argv(data_root, save, *extra, width=4, batch=8, epochs=1, eval_knn=-1):
+    """Flags of a seconds-long training run on the fixture CIFAR-10 (``extra`` overrides:
+    argparse keeps the last value given)."""
+    return ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', str(width),
+            '--batch_size', str(batch), '--epochs', str(epochs), '--learning_rate', '0.05', '--num_workers', '0',
+            '--save_folder', str(save), '--eval_knn', str(eval_knn), '--feat_dim', '8', *extra]
+
+
+def train_cli(script, argv, cwd=None, env=None, timeout=300):
+    """``python ALPA/main_<script>.py *argv`` as a user runs it, single-threaded -> CompletedProcess
+    (asserted successful). The last.pth it wrote: ``find_last(save)``."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1', MODE_NO_PROGRESS='1') if env is None else env
+    proc = subprocess.run([sys.executable, os.path.join(repo, 'ALPA', f'main_{script}.py'), *argv],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def find_last(save):
+    """The one ``last.pth`` under a save folder."""
+    last = [os.path.join(d, 'last.pth') for d, _, files in os.walk(save) if 'last.pth' in files]
+    assert len(last) == 1, last
+    return last[0]

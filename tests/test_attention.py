@@ -1,9 +1,9 @@
-"""AttentionSimilarity against the authors' materialising computation (tests/reference_alpa.py)."""
+"""AttentionSimilarity against the authors' materialising computation (ALPA/reference.py)."""
 import pytest
 import torch
 
 from ALPA.attention import AGGREGATIONS, AlignmentStats, AttentionSimilarity
-from tests.reference_alpa import reference_similarity
+from ALPA.reference import reference_similarity
 
 C = 12  # channels of the toy maps
 

@@ -15,19 +15,14 @@ import torch
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 
+from tests.fixtures import find_last, tiny_train_argv, train_cli  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(data_root, save, *extra, script='supcon', epochs=1):
-    argv = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '8',
-            '--batch_size', '16', '--epochs', str(epochs), '--learning_rate', '0.05', '--num_workers', '0',
-            '--save_folder', str(save), '--eval_knn', '-1', '--feat_dim', '16', *extra]
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'ALPA', f'main_{script}.py'), *argv],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = [os.path.join(d, 'last.pth') for d, _, fs in os.walk(save) if 'last.pth' in fs]
-    assert len(last) == 1
-    return last[0], proc.stdout
+    proc = train_cli(script, tiny_train_argv(data_root, save, *extra, width=8, batch=16, epochs=epochs))
+    return find_last(save), proc.stdout
 
 
 def test_train_amp_bf16(data_root, tmp_path):
@@ -68,7 +63,7 @@ def test_resume_with_more_saved_cuda_states_than_gpus(data_root, tmp_path):
 
 def test_alpa_gradcheck_float64_and_reference_on_cuda():
     from ALPA.attention import AttentionSimilarity
-    from tests.reference_alpa import reference_similarity
+    from ALPA.reference import reference_similarity
     torch.manual_seed(0)
     att = AttentionSimilarity(6, 4).double().cuda()
     x = torch.randn(4, 6, 2, 2, dtype=torch.float64, device='cuda', requires_grad=True)
@@ -123,7 +118,7 @@ def test_features_and_scores_cuda_equal_cpu(data_root, tmp_path, tf32):
 
 
 def test_search_peak_gpu_memory_under_budget():
-    from CSD.scoring import ExactKNN
+    from util.knn import ExactKNN
     bank = np.random.default_rng(0).standard_normal((300_000, 512)).astype(np.float32)
     q = np.random.default_rng(1).standard_normal((8192, 512)).astype(np.float32)
     budget = 512 << 20
@@ -138,7 +133,7 @@ def test_search_peak_gpu_memory_under_budget():
 
 
 def test_faiss_gpu_k_2049():
-    from CSD.scoring import ExactKNN, _faiss_gpu_available
+    from util.knn import ExactKNN, _faiss_gpu_available
     bank = np.random.default_rng(0).standard_normal((5000, 16)).astype(np.float32)
     q = bank[:7]
     s = ExactKNN(bank, device='cuda', backend='faiss', k_max=2049)

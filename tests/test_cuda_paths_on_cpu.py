@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ALPA import engine
-from CSD.scoring import ExactKNN
+from util import checkpoint as ckpt_lib
 from util import distributed as dist_lib
 from util import misc
 from util.errors import UserError
+from util.knn import ExactKNN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,19 +93,19 @@ def test_cpu_amp_only_with_native_bf16(monkeypatch):
 
 
 def test_rng_state_saves_only_the_device_in_use(monkeypatch):
-    state = engine.rng_state(torch.device('cpu'))
+    state = ckpt_lib.rng_state(torch.device('cpu'))
     assert 'cuda' not in state            # nothing per visible GPU on a CPU run
     torch.manual_seed(3)
-    engine.set_rng_state(state, torch.device('cpu'))
+    ckpt_lib.set_rng_state(state, torch.device('cpu'))
     a = torch.rand(3)
-    engine.set_rng_state(state, torch.device('cpu'))
+    ckpt_lib.set_rng_state(state, torch.device('cpu'))
     assert torch.equal(a, torch.rand(3))
     # An old checkpoint with one state per GPU (8 GPUs) resumed on a machine with 1 GPU:
     # the state of the device in use is picked, no IndexError.
     seen = []
     monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, d: seen.append((int(s[0]), d)))
     old = dict(state, cuda=[torch.tensor([i], dtype=torch.uint8) for i in range(8)])
-    engine.set_rng_state(old, torch.device('cuda', 0))
+    ckpt_lib.set_rng_state(old, torch.device('cuda', 0))
     assert seen == [(0, torch.device('cuda', 0))]
 
 
@@ -115,11 +115,11 @@ def _rng_worker(rank, world, port, out):
     dist.init_process_group('gloo', rank=rank, world_size=world)
     torch.manual_seed(100 + rank)
     np.random.seed(100 + rank)
-    saved = engine.rank_rng_states(torch.device('cpu'))        # what a checkpoint stores
+    saved = ckpt_lib.rank_rng_states(torch.device('cpu'))        # what a checkpoint stores
     expect = (torch.rand(4), np.random.rand(2))                 # what this rank draws next
     torch.manual_seed(0)
     np.random.seed(0)                                           # a fresh process after a crash
-    engine.restore_rank_rng(saved, torch.device('cpu'))
+    ckpt_lib.restore_rank_rng(saved, torch.device('cpu'))
     torch.save({'saved_len': len(saved), 'expect': expect, 'got': (torch.rand(4), np.random.rand(2))},
                out.format(rank))
     dist.destroy_process_group()
@@ -190,10 +190,10 @@ def test_loud_line_when_nvidia_present_but_cuda_unavailable(monkeypatch):
 
 def test_faiss_gpu_k_limit_routes_to_torch(monkeypatch):
     """k > 2048 on CUDA never reaches faiss-gpu (it raises there): the torch backend is used."""
-    import CSD.scoring as scoring
-    monkeypatch.setattr(scoring, '_faiss_gpu_available', lambda: True)
+    from util import knn
+    monkeypatch.setattr(knn, '_faiss_gpu_available', lambda: True)
     bank = np.zeros((3000, 4), dtype=np.float32)
     moved = []
     monkeypatch.setattr(torch.Tensor, 'to', lambda self, *a, **k: moved.append(a) or self)
-    s = scoring.ExactKNN(bank, device='cuda:0', backend='faiss', k_max=2049)
+    s = knn.ExactKNN(bank, device='cuda:0', backend='faiss', k_max=2049)
     assert s.backend == 'torch' and moved == [(torch.device('cuda', 0),)]

@@ -64,16 +64,20 @@ def test_ddp_matches_single_process(loss, tmp_path):
     terms = trainer.losses(torch.cat([views[0], views[1]]), labels)
     terms['loss'].backward()
     single = _grads(net, att)
+    every = {n for n, _ in net.named_parameters()} | {'att.' + n for n, _ in att.named_parameters()}
+    assert set(single) == every          # the loss reaches every parameter
     out = str(tmp_path / 'rank{}.pt')
     mp.start_processes(_worker, args=(2, _free_port(), loss, out), nprocs=2, start_method='spawn', join=True)
     for r in range(2):
         got = torch.load(out.format(r), weights_only=True)
         for k, v in terms.items():
             assert got['terms'][k] == pytest.approx(v.item(), rel=1e-5, abs=1e-6), k
+        assert set(got['grads']) == every   # and so does each rank's, through the gather
         for k, g in single.items():
             torch.testing.assert_close(got['grads'][k], g, rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train(data_root, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
            os.path.join(REPO, 'ALPA', 'main_supcon.py'), '--dataset', 'cifar10', '--data_folder', str(data_root),

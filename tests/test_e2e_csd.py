@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ALPA.attention import AttentionSimilarity
-from CSD import CSD as csd_cli
 from CSD import feature_collect
 from util.checkpoint import load_model, load_weights, read_checkpoint
 from util.errors import UserError
@@ -137,6 +136,7 @@ def test_csd_cli_end_to_end(data_root, tmp_path):
     assert (tmp_path / 'results' / 'CIFAR-10' / 'authors' / 'knn_k5.csv').read_text().startswith('OOD,FPR,AUROC,AUIN')
 
 
+@pytest.mark.slow
 def test_csd_cli_user_errors(data_root, tmp_path):
     authors_checkpoint(tmp_path / 'ckpt.pth')
     base = [sys.executable, os.path.join(REPO, 'CSD', 'CSD.py'), '--in-dataset', 'CIFAR-10',
@@ -153,6 +153,7 @@ def test_csd_cli_user_errors(data_root, tmp_path):
         assert err[-1].startswith('error: ') and needle in err[-1] and 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_cifar_sh(data_root, tmp_path):
     authors_checkpoint(tmp_path / 'ckpt.pth')
     env = dict(os.environ, PY=sys.executable, CKP=str(tmp_path / 'ckpt.pth'), DATA=str(data_root),

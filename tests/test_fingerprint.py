@@ -32,7 +32,7 @@ def test_main_job_retrains_after_a_code_change_and_reuses_otherwise(tmp_path):
 
     def run():
         proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, MODE_NO_PROGRESS='1', OMP_NUM_THREADS='1'))
+                              env=dict(os.environ, MODE_NO_PROGRESS='1', OMP_NUM_THREADS='1', PYTHONPATH=str(repo)))
         assert proc.returncode == 0, proc.stderr[-3000:]
         table = [line for line in proc.stdout.splitlines() if line.count('±') == 4]
         assert len(table) == 6

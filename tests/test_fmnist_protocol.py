@@ -14,6 +14,7 @@ def fmnist_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_mode_fmnist_end_to_end(fmnist_root, tmp_path, capsys):
     args = mode_fmnist.get_args_parser().parse_args([
         '--seeds', '0', '1', '--width', '4', '--batch-size', '8', '--epochs', '1', '--steps-per-epoch', '2',

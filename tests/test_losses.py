@@ -1,4 +1,4 @@
-"""SupConLoss and ALPALoss against per-anchor loops (tests/reference_alpa.py) and exact answers."""
+"""SupConLoss and ALPALoss against per-anchor loops (ALPA/reference.py) and exact answers."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ALPA.losses import ALPALoss, SupConLoss
-from tests.reference_alpa import reference_alpa_loss, reference_supcon
+from ALPA.reference import reference_alpa_loss, reference_supcon
 
 
 def unit_features(batch, n_views, dim=6, seed=0):

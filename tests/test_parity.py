@@ -19,8 +19,10 @@ from ALPA import main_ce, main_supcon
 from CSD import CSD as csd_cli
 from CSD import feature_collect
 from CSD.scoring import default_k
+from tests.fixtures import tiny_train_argv
 from tests.test_metrics import ref_authors_curve
 from util import data as data_lib
+from util import ood as ood_lib
 from util.checkpoint import load_model, read_checkpoint
 from util.errors import UserError
 from util.features import multi_scale_pool
@@ -102,9 +104,7 @@ def test_ce_augmentation_is_crop_and_flip_only():
 
 # ---------------------------------------------------------------- 5. flags
 def small_train_argv(data_root, save, *extra):
-    return ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '4',
-            '--batch_size', '16', '--epochs', '1', '--learning_rate', '0.05', '--num_workers', '0',
-            '--save_folder', str(save), '--device', 'cpu', '--eval_knn', '-1', *extra]
+    return tiny_train_argv(data_root, save, '--device', 'cpu', *extra, batch=16)
 
 
 def test_feat_dim_is_the_alpa_inner_size_and_last_batch_is_kept(data_root, tmp_path):
@@ -242,13 +242,13 @@ def test_lsun_resize_and_tinyimages_folders(tmp_path):
     from tests.fixtures import write_image_folder
     for name in ('LSUN_resize', 'TinyImages'):
         write_image_folder(str(tmp_path / 'ood_data' / name), 3, size=36)
-        ds = data_lib.get_ood_dataset(name, str(tmp_path), 'CIFAR-10', data_lib.test_transform('CIFAR-10'))
+        ds = ood_lib.get_ood_dataset(name, str(tmp_path), 'CIFAR-10', data_lib.test_transform('CIFAR-10'))
         assert ds.name == name and len(ds) == 3 and ds[0][0].shape == (3, 32, 32)
-    assert data_lib.resolve_ood_name('tim') == 'TinyImages'
+    assert ood_lib.resolve_ood_name('tim') == 'TinyImages'
     # The authors' "LSUN_FIX" read LSUN_resize; we never map one name to another set.
     with pytest.raises(UserError, match='LSUN_resize.*LSUN_fix'):
-        data_lib.resolve_ood_name('LSUN_FIX')
-    assert data_lib.resolve_ood_name('LSUN_fix') == 'LSUN_fix'
+        ood_lib.resolve_ood_name('LSUN_FIX')
+    assert ood_lib.resolve_ood_name('LSUN_fix') == 'LSUN_fix'
 
 
 def test_cifar_sets_and_imagenet_val_as_ood(tmp_path):
@@ -257,18 +257,18 @@ def test_cifar_sets_and_imagenet_val_as_ood(tmp_path):
     write_cifar100(str(tmp_path), n_per_class=1, n_test_per_class=1)
     write_imagenet(str(tmp_path))
     t = data_lib.test_transform('CIFAR-100')
-    ood = data_lib.get_ood_dataset('cifar10', str(tmp_path), 'CIFAR-100', t)
+    ood = ood_lib.get_ood_dataset('cifar10', str(tmp_path), 'CIFAR-100', t)
     assert ood.name == 'CIFAR-10' and len(ood) == 20 and all(ood[i][1] == -1 for i in range(3))
     assert torch.equal(ood[0][0], t(Image.fromarray(c10['test'][0][0])))
-    assert len(data_lib.get_ood_dataset('CIFAR-100', str(tmp_path), 'CIFAR-10', t)) == 100
-    val = data_lib.get_ood_dataset('imagenet', str(tmp_path), 'CIFAR-10', data_lib.test_transform('CIFAR-10'))
+    assert len(ood_lib.get_ood_dataset('CIFAR-100', str(tmp_path), 'CIFAR-10', t)) == 100
+    val = ood_lib.get_ood_dataset('imagenet', str(tmp_path), 'CIFAR-10', data_lib.test_transform('CIFAR-10'))
     assert val.name == 'imagenet-val' and val[0][0].shape == (3, 32, 32) and val[0][1] == -1
 
 
 def test_noise_and_lfnoise_follow_the_authors_recipe():
     from scipy.fft import dctn
-    noise = data_lib.get_ood_dataset('noise', spec='CIFAR-10')
-    lf = data_lib.get_ood_dataset('lfnoise', spec='CIFAR-10')
+    noise = ood_lib.get_ood_dataset('noise', spec='CIFAR-10')
+    lf = ood_lib.get_ood_dataset('lfnoise', spec='CIFAR-10')
     assert len(noise) == len(lf) == 10_000
     x, label = noise[3]
     assert label == -1 and x.dtype == torch.float32 and x.shape == (3, 32, 32)
@@ -283,7 +283,7 @@ def test_noise_and_lfnoise_follow_the_authors_recipe():
     expect[:, :, 16:] = 0
     np.testing.assert_allclose(coeff, expect, atol=1e-5)
     assert torch.equal(noise[3][0], noise[3][0]) and not torch.equal(noise[3][0], noise[4][0])   # seeded per index
-    assert data_lib.get_ood_dataset('noise', spec='fashion-mnist')[0][0].shape == (1, 28, 28)
+    assert ood_lib.get_ood_dataset('noise', spec='fashion-mnist')[0][0].shape == (1, 28, 28)
 
 
 # ---------------------------------------------------------------- end to end on the authors' preprocessing
@@ -297,7 +297,7 @@ def test_authors_checkpoint_features_equal_authors_preprocessing(data_root, tmp_
     # The authors' preprocessing, applied by hand to the dtd files (non-square JPEGs) and
     # the CIFAR-10 test images, then the model's own forward pass and PAPER §2's pooling.
     tf = authors_test_transform(*AUTHORS_C10)
-    dtd = data_lib.get_ood_dataset('dtd', str(data_root), 'CIFAR-10')
+    dtd = ood_lib.get_ood_dataset('dtd', str(data_root), 'CIFAR-10')
     paths = dtd.paths
     x = torch.stack([tf(Image.open(p).convert('RGB')) for p in paths])
     model.eval()

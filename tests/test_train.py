@@ -9,6 +9,8 @@ import torch
 
 from ALPA import main_ce, main_supcon
 from CSD import feature_collect
+from tests.fixtures import find_last, tiny_train_argv
+from tests.fixtures import train_cli as run_train_cli
 from util.checkpoint import read_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,23 +18,14 @@ SCRIPTS = {'supcon': main_supcon, 'ce': main_ce}
 
 
 def train_args(script, data_root, save, *extra):
-    return SCRIPTS[script].get_args_parser().parse_args([
-        '--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '4',
-        '--batch_size', '8', '--epochs', '1', '--learning_rate', '0.05', '--num_workers', '0',
-        '--save_folder', str(save), '--device', 'cpu', '--eval_knn', '5', '--inner_size', '8', *extra])
+    return SCRIPTS[script].get_args_parser().parse_args(
+        tiny_train_argv(data_root, save, '--device', 'cpu', *extra, eval_knn=5))
 
 
 def train_cli(script, data_root, save, *extra):
     """Run ``python ALPA/main_<script>.py`` as a user would; -> (last.pth path, stdout)."""
-    argv = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '4',
-            '--batch_size', '8', '--epochs', '1', '--learning_rate', '0.05', '--num_workers', '0',
-            '--save_folder', str(save), '--device', 'cpu', '--eval_knn', '5', '--inner_size', '8', *extra]
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'ALPA', f'main_{script}.py'), *argv],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    last = [os.path.join(d, 'last.pth') for d, _, files in os.walk(save) if 'last.pth' in files]
-    assert len(last) == 1
-    return last[0], proc.stdout
+    proc = run_train_cli(script, tiny_train_argv(data_root, save, '--device', 'cpu', *extra, eval_knn=5))
+    return find_last(save), proc.stdout
 
 
 @pytest.fixture(scope='module')
@@ -91,6 +84,7 @@ def test_resume_is_exact(data_root, tmp_path):
             assert torch.equal(a[part][k], b[part][k]), f'{part}.{k}'
 
 
+@pytest.mark.slow
 def test_cli_runs_and_bad_flags_are_one_line(data_root, tmp_path):
     script = os.path.join(REPO, 'ALPA', 'main_ce.py')
     common = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--width', '4', '--batch_size', '8',

@@ -14,10 +14,13 @@ import argparse
 import hashlib
 import os
 import pickle
+import random
 import zipfile
 
+import numpy as np
 import torch
 
+from util import distributed
 from util.errors import UserError
 
 _PREFIXES = ('module.', '_orig_mod.')  # DDP / DataParallel, torch.compile
@@ -33,6 +36,9 @@ def file_sha256(path, chunk=1 << 22):
 
 def torch_load_safe(path):
     """``torch.load`` with ``weights_only=True`` (Namespace allowed); user errors are one line."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory, not a file: pass the .pth file inside it "
+                        f"(e.g. {os.path.join(path, 'last.pth')}) as --ckp")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check --ckp")
     try:
@@ -45,9 +51,13 @@ def torch_load_safe(path):
                             f"numbers and argparse.Namespace, so loading it could run code "
                             f"({_unsupported_global(str(e))}); re-save its state_dict with torch.save") from None
         raise UserError(f"checkpoint {path} is corrupt or truncated ({first}); re-download or use an earlier one") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({first}); re-download or use an earlier one") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
+            TypeError, AttributeError, UnicodeDecodeError) as e:
+        # torch.load of a non-checkpoint (a text file, an image) fails in many ways, e.g.
+        # KeyError: 101 from the legacy pickle reader: all of them are one line here.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise UserError(f"checkpoint {path} is corrupt or truncated, or not a PyTorch checkpoint at all "
+                        f"({type(e).__name__}: {first[:120]}); re-download it or use an earlier one") from None
 
 
 def _unsupported_global(msg):
@@ -69,7 +79,9 @@ def strip_prefixes(state_dict):
 
 def read_checkpoint(path):
     """-> dict with ``model`` (state_dict), ``attention`` (state_dict or None), ``opt``
-    (Namespace or None), ``epoch``, ``arch`` (our architecture record or None) and ``raw``."""
+    (Namespace or None), ``epoch``, ``arch`` (our architecture record or None), what a resume
+    needs (``optimizer``, ``scaler``, ``global_step``, ``rng``: each None when absent), the
+    run's ``fingerprint`` (ours; None for others) and ``raw`` (the whole loaded object)."""
     raw = torch_load_safe(path)
     if not isinstance(raw, dict):
         raise UserError(f"checkpoint {path} holds a {type(raw).__name__}, not a dict or state_dict")
@@ -89,6 +101,11 @@ def read_checkpoint(path):
         'opt': raw.get('opt'),
         'epoch': raw.get('epoch'),
         'arch': raw.get('arch') if isinstance(raw.get('arch'), dict) else None,
+        'optimizer': raw.get('optimizer'),
+        'scaler': raw.get('scaler') or None,
+        'global_step': int(raw.get('global_step', 0)),
+        'rng': raw.get('rng'),
+        'fingerprint': raw.get('fingerprint'),
         'raw': raw,
     }
 
@@ -165,7 +182,7 @@ def load_model(path, model_arch=None, in_dataset=None, log=print):
     is ignored with a printed note; every other mismatch is an error.
     ``info``: ``arch``, ``record`` (our architecture record, completed), ``epoch``,
     ``attention`` (ALPA weights or None), ``opt``."""
-    from util.networks import ENCODERS, MODEL_ARCHS, build_model, resolve_arch
+    from util.networks import MODEL_ARCHS, build_model, resolve_arch
     ckpt = read_checkpoint(path)
     state = ckpt['model']
     arch = model_arch
@@ -204,3 +221,56 @@ def load_model(path, model_arch=None, in_dataset=None, log=print):
     record.update(model_arch=arch, **{k: int(v) for k, v in kwargs.items()})
     return model, {'arch': arch, 'record': record, 'epoch': ckpt['epoch'], 'attention': ckpt['attention'],
                    'opt': ckpt['opt']}
+
+
+# ---------------------------------------------------------------- state for exact resume
+def rng_state(device):
+    """This process's RNG states: torch (CPU), Python, numpy, and the CUDA generator of the
+    device in use only. Saving every visible GPU's state (``get_rng_state_all``) would make a
+    resume on a machine that sees fewer GPUs fail."""
+    np_state = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['torch'])
+    random.setstate(_to_tuple(state['python']))
+    n = state['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    cuda = state.get('cuda')
+    if device.type == 'cuda' and cuda is not None:
+        if isinstance(cuda, (list, tuple)):   # older checkpoints: one state per visible GPU
+            cuda = cuda[min(device.index or 0, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def rank_rng_states(device):
+    """Every rank's ``rng_state`` in rank order (a list of one without DDP): each rank
+    resumes with its own generators, not rank 0's."""
+    return distributed.gather_objects(rng_state(device))
+
+
+def restore_rank_rng(saved, device):
+    """Restore this rank's entry of a checkpoint's ``rng`` (a list per rank, or one dict)."""
+    if isinstance(saved, dict):
+        saved = [saved]
+    r = distributed.rank()
+    if len(saved) != distributed.world_size() and distributed.is_main():
+        print(f"note: the checkpoint holds RNG states of {len(saved)} process(es), this run has "
+              f"{distributed.world_size()}; rank r resumes with state r mod {len(saved)}")
+    set_rng_state(saved[r % len(saved)], device)
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def plain_args(args):
+    """The Namespace stored as ``opt`` keeps only plain values (weights_only-loadable)."""
+    keep = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))
+            or (isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str)) for x in v))}
+    return argparse.Namespace(**keep)

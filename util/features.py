@@ -54,18 +54,19 @@ def exact_fp32(device):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def collect_features(model, loader, device, with_logits=None, progress=None):
+def collect_features(model, loader, device, with_logits=None, progress=None, source='the model'):
     """One forward pass over ``loader`` (TF32 off, see ``exact_fp32``) -> dict of numpy arrays: ``features`` [N, 6, C]
     (raw, un-normalised, fp32 — no autocast, so the numbers do not depend on the device's
     reduced-precision kernels), ``labels`` [N], and ``logits`` [N, K] when the model has a
     classifier. Batches may be smaller than requested (corrupt images dropped by the
-    collate); ``skipped`` counts the images that never arrived."""
+    collate); ``skipped`` counts the images that never arrived. Non-finite features stop
+    the extraction with a ``UserError`` naming ``source`` (e.g. the checkpoint)."""
     with exact_fp32(device):
-        return _collect_features(model, loader, device, with_logits, progress)
+        return _collect_features(model, loader, device, with_logits, progress, source)
 
 
 @torch.no_grad()
-def _collect_features(model, loader, device, with_logits=None, progress=None):
+def _collect_features(model, loader, device, with_logits, progress, source):
     model.eval()
     if with_logits is None:
         with_logits = hasattr(model, 'fc')
@@ -74,7 +75,12 @@ def _collect_features(model, loader, device, with_logits=None, progress=None):
         if batch is None:
             continue
         fmap = model.forward_features(batch[0].to(device, non_blocking=True)).float()
-        feats.append(multi_scale_pool(fmap).cpu().numpy())
+        pooled = multi_scale_pool(fmap).cpu().numpy()
+        if not np.isfinite(pooled).all():
+            name = getattr(loader.dataset, 'name', 'the dataset')
+            raise UserError(f"{source} gives non-finite (NaN or inf) features on {name}: its weights are probably "
+                            f"broken (a diverged run?); use another checkpoint")
+        feats.append(pooled)
         labels.append(np.asarray(batch[1], dtype=np.int64))
         if with_logits:
             logits.append(model.forward_head(fmap).float().cpu().numpy())

@@ -4,9 +4,9 @@ Two encoder styles (PAPER §1):
 - CIFAR-style (``cifar_resnet*``): 3×3 stride-1 stem, no max-pool; the layer4 map is 4×4 at
   32×32 input. Blocks name their projection ``shortcut`` (``encoder.layer1.0.shortcut.0``),
   as in SupContrast's ``resnet_big.py``, so public SupCon/KNN checkpoints load.
-- ImageNet-style ResNet-50: 7×7 stride-2 stem + max-pool; the layer4 map is 7×7 at 224.
-  Blocks name their projection ``downsample`` (torchvision's names), so torchvision and KNN
-  ImageNet checkpoints load.
+- ImageNet-style ResNet-50: torchvision's ``ResNet`` (7×7 stride-2 stem + max-pool; the
+  layer4 map is 7×7 at 224) with ``forward_features`` added, so torchvision and KNN
+  ImageNet checkpoints load by name.
 
 Every encoder has ``forward_features(x) -> [N, C, H, W]`` (the last-stage map, which the
 multi-scale features and ALPA use) and ``forward(x) -> [N, C]`` (global average pool).
@@ -14,6 +14,7 @@ multi-scale features and ALPA use) and ``forward(x) -> [N, C]`` (global average 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 
 class BasicBlock(nn.Module):
@@ -102,58 +103,19 @@ class CifarResNet(nn.Module):
         return torch.flatten(self.avgpool(self.forward_features(x)), 1)
 
 
-class TVBottleneck(nn.Module):
-    """torchvision's Bottleneck (stride on the 3×3 conv, projection named ``downsample``)."""
-    expansion = 4
-
-    def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_planes != planes * 4:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-class ImageNetResNet(nn.Module):
-    """ImageNet-style ResNet (7×7/2 stem + max-pool) with torchvision's parameter names."""
+class ImageNetResNet(torchvision.models.ResNet):
+    """torchvision's ResNet (7×7/2 stem + max-pool, stride on the 3×3 conv, projections named
+    ``downsample``), so torchvision's and knn-ood's ImageNet weights load by name; only
+    ``forward_features`` is added. The classifier is not part of the encoder (``fc`` of
+    ``SupCEResNet``), so torchvision's own ``fc`` is removed."""
 
     def __init__(self, num_blocks=(3, 4, 6, 3), in_channel=3):
-        super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channel, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.out_dim = 2048
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-
-    def _make_layer(self, planes, blocks, stride):
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(TVBottleneck(self.in_planes, planes, s))
-            self.in_planes = planes * 4
-        return nn.Sequential(*layers)
+        super().__init__(torchvision.models.resnet.Bottleneck, list(num_blocks))
+        if in_channel != 3:
+            self.conv1 = nn.Conv2d(in_channel, 64, 7, 2, 3, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
+        self.fc = None
+        self.out_dim = 512 * torchvision.models.resnet.Bottleneck.expansion
 
     def forward_features(self, x):
         """[N, 3, 224, 224] -> [N, 2048, 7, 7]."""

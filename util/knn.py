@@ -1,0 +1,145 @@
+"""The one exact k-NN search of the project: test-time scores (``CSD/scoring.py``), the kNN
+accuracy at the end of training, the benchmarks and the figures all call ``ExactKNN``.
+
+Squared L2 distances, exact, with one of two backends (same arithmetic, tested equal):
+``faiss`` (``IndexFlatL2``; a faiss GPU index on CUDA when faiss has GPU support, else the
+torch backend on the GPU) and ``torch`` (one preallocated distance block + ``topk``; on
+these 2-core CPUs about 2× faster than faiss-cpu's flat search, bench/bench_csd.py).
+"""
+import numpy as np
+import torch
+
+from util.errors import UserError
+
+try:
+    import faiss
+except ImportError:  # pragma: no cover - faiss is in requirements.txt
+    faiss = None
+
+SEARCH_BACKENDS = ('faiss', 'torch')
+
+
+def _faiss_gpu_available():
+    return faiss is not None and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
+
+
+
+FAISS_GPU_MAX_K = 2048   # faiss's GPU k-selection stops here; larger k goes to the torch backend
+
+
+def available_memory_bytes(device):
+    """Free memory on ``device``: ``torch.cuda.mem_get_info`` on a GPU, MemAvailable on the CPU."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def default_search_budget(device):
+    """Bytes the torch search may spend on its distance block: a quarter of free memory,
+    at most 1 GiB (more rows per block stop paying off well before that)."""
+    return max(16 << 20, min(1 << 30, available_memory_bytes(device) // 4))
+
+
+class ExactKNN:
+    """Exact squared-L2 k-th neighbour distance against a fixed bank.
+
+    ``mem_budget``: bytes for the torch backend's distance block (default
+    ``default_search_budget``): the queries go through in blocks of ``rows`` such that one
+    preallocated ``[rows, N]`` fp32 buffer fits the budget; each block is built in place
+    (``addmm`` of −2·q·bᵀ onto ‖b‖², then += ‖q‖²) and reduced with ``topk``."""
+
+    def __init__(self, bank, device='cpu', query_chunk=16384, backend='faiss', mem_budget=None, k_max=None):
+        if backend not in SEARCH_BACKENDS:
+            raise UserError(f"unknown --search {backend!r}; known: {', '.join(SEARCH_BACKENDS)}")
+        bank = np.ascontiguousarray(bank, dtype=np.float32)  # [N, D]
+        self.n, self.dim = bank.shape
+        self.device = torch.device(device)
+        self.query_chunk = query_chunk
+        self.mem_budget = mem_budget
+        use_torch = backend == 'torch' or (self.device.type == 'cuda' and not _faiss_gpu_available())
+        if self.device.type == 'cuda' and k_max is not None and k_max > FAISS_GPU_MAX_K:
+            use_torch = True  # faiss-gpu raises for k > 2048
+        if use_torch:
+            self.backend = 'torch'
+            self.bank = torch.from_numpy(bank).to(self.device)
+            self.bank_sq = (self.bank * self.bank).sum(1)
+            return
+        if faiss is None:
+            raise UserError("faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12 on CUDA)")
+        index = faiss.IndexFlatL2(self.dim)
+        if self.device.type == 'cuda':
+            torch.cuda.empty_cache()  # hand torch's cached blocks back before faiss allocates
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, self.device.index or 0, index)
+            self.backend = 'faiss-gpu'
+        else:
+            self.backend = 'faiss-cpu'
+        index.add(bank)
+        self.index = index
+
+    def kth_distance(self, queries, k):
+        """queries [Q, D] -> [Q] squared L2 distance to the k-th nearest bank vector."""
+        return self.search(queries, k, need_indices=False)[0][:, -1]
+
+    def search(self, queries, k, need_indices=True):
+        """queries [Q, D] -> (distances [Q, k] ascending, bank indices [Q, k] or None)."""
+        if not 1 <= k <= self.n:
+            raise UserError(f"--k {k} is out of range: the bank holds {self.n} vectors, so 1 <= k <= {self.n}")
+        if self.backend == 'faiss-gpu' and k > FAISS_GPU_MAX_K:
+            raise ValueError(f"k={k} > {FAISS_GPU_MAX_K} on faiss-gpu: build ExactKNN with k_max={k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        dist = np.empty((len(queries), k), dtype=np.float32)
+        idx = np.empty((len(queries), k), dtype=np.int64) if need_indices else None
+        starts = range(0, len(queries), self.query_chunk)
+        if len(starts) > 2:  # long searches show progress; short ones stay quiet
+            from util.misc import progress
+            starts = progress(starts, desc=f'k-NN search ({len(queries)} queries x {self.n} bank)')
+        for s in starts:
+            q = queries[s:s + self.query_chunk]
+            d, i = self._torch_search(q, k, need_indices) if self.backend == 'torch' else self.index.search(q, k)
+            dist[s:s + len(q)] = d
+            if need_indices:
+                idx[s:s + len(q)] = i
+        return dist, idx
+
+    def block_rows(self, k):
+        """Query rows per distance block under the memory budget: the [rows, N] buffer plus
+        topk's [rows, k] values and indices."""
+        budget = self.mem_budget or default_search_budget(self.device)
+        return int(max(1, min(self.query_chunk, budget // (4 * self.n + 12 * k))))
+
+    def _torch_search(self, q, k, need_indices):
+        rows = self.block_rows(k)
+        buf = torch.empty(min(rows, len(q)), self.n, device=self.device)   # the one distance block
+        dists, idx = [], []
+        for s in range(0, len(q), rows):
+            qt = torch.from_numpy(q[s:s + rows]).to(self.device)
+            block = buf[:len(qt)]
+            torch.addmm(self.bank_sq[None], qt, self.bank.T, beta=1.0, alpha=-2.0, out=block)
+            block.add_((qt * qt).sum(1, keepdim=True))
+            top = block.topk(k, dim=1, largest=False)   # sorted ascending
+            dists.append(top.values.cpu().numpy())
+            if need_indices:
+                idx.append(top.indices.cpu().numpy())
+        return np.concatenate(dists), (np.concatenate(idx) if need_indices else None)
+
+
+def knn_accuracy(bank, bank_labels, queries, labels, k, num_classes, device='cpu', backend='torch'):
+    """ID accuracy of a kNN vote on L2-normalised vectors (the kNN monitor of InstDisc/MoCo):
+    each of the k nearest bank vectors votes for its label with weight exp(cosine
+    similarity) = exp(1 − d/2) for unit vectors at squared distance d."""
+    from util.features import l2_normalize
+    search = ExactKNN(l2_normalize(bank), device, backend=backend, k_max=k)
+    k = min(k, search.n)
+    dist, idx = search.search(l2_normalize(queries), k)
+    votes = np.zeros((len(queries), num_classes))
+    np.add.at(votes, (np.arange(len(queries))[:, None], np.asarray(bank_labels)[idx]), np.exp(1.0 - dist / 2.0))
+    return float((votes.argmax(1) == np.asarray(labels)).mean())
