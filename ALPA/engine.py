@@ -26,6 +26,8 @@ class Trainer:
         self.use_alpa = args.alpa_train or args.alpa_finetune
         self.use_base = not args.alpa_finetune
         self.amp_dtype = autocast_dtype(device, args.amp, args.amp_dtype)
+        # Inputs in the model's memory layout (channels_last: NHWC kernels, faster with bf16).
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     def losses(self, images, labels):
         """images [2B, ...] (view-major), labels [B] -> dict of scalar loss terms (global batch)."""
@@ -113,8 +115,10 @@ class Trainer:
         on its own (asynchronously from pinned memory) and the views are joined there, not on
         the CPU, where ``torch.cat`` would make an unpinned copy first."""
         if isinstance(images, (list, tuple)):
-            return torch.cat([v.to(self.device, non_blocking=True) for v in images], 0)
-        return images.to(self.device, non_blocking=True)
+            images = torch.cat([v.to(self.device, non_blocking=True) for v in images], 0)
+        else:
+            images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=self.memory_format)
 
 
 def _views_to_sup(out, bsz, world):

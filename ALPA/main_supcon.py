@@ -26,6 +26,7 @@ from util import data as data_lib
 from util import distributed as dist_lib
 from util.checkpoint import (
     file_sha256,
+    load_model,
     load_weights,
     plain_args,
     rank_rng_states,
@@ -105,6 +106,9 @@ def get_args_parser(loss='supcon'):
                         'GPUs, fp32 on CPUs without bf16; losses and ALPA cosines stay fp32 (default off)')
     p.add_argument('--amp_dtype', default='auto', choices=['auto', 'bf16', 'fp16'],
                    help='with --amp: force the autocast dtype (fp16 comes with loss scaling; default auto)')
+    p.add_argument('--channels_last', action='store_true',
+                   help='model and inputs in channels_last memory format (faster convolutions, above all with '
+                        'bf16 --amp; default off, as the authors)')
     p.add_argument('--sync_bn', '--syncBN', dest='sync_bn', action='store_true',
                    help="under DDP, SyncBatchNorm so statistics do not depend on the GPU count (the authors' --syncBN)")
     p.add_argument('--save_folder', type=str, default='save', help='runs are written under this folder (default ./save)')
@@ -321,15 +325,21 @@ def main(args):
         attention = AttentionSimilarity(net.encoder.out_dim, args.feat_dim, args.aggregation,
                                         drop_prob=args.drop_prob)
     if args.alpa_finetune:
-        ck = read_checkpoint(args.ckp)
-        load_weights(net, ck['model'], path=args.ckp)
-        if args.keep_attention and ck['attention']:
-            load_weights(attention, ck['attention'], path=args.ckp + ' (attention)')
+        # The one way from a checkpoint file to a model (util.checkpoint.load_model), as at test time.
+        net, info = load_model(args.ckp, f'{args.model}-{loss}', spec.name)
+        width = info['record'].get('width')
+        if width is not None and width != args.width:
+            raise UserError(f"--ckp {args.ckp} holds a width-{width} {args.model}: pass --width {width}")
+        if loss == 'ce' and info['record'].get('num_classes') != spec.num_classes:
+            raise UserError(f"--ckp {args.ckp} classifies {info['record'].get('num_classes')} classes, "
+                            f"{spec.name} here has {spec.num_classes}: check --dataset / --id_classes")
+        if args.keep_attention and info['attention']:
+            load_weights(attention, info['attention'], path=args.ckp + ' (attention)')
     if args.sync_bn and world > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)   # statistics over the global batch
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True                # fixed input sizes: let cuDNN pick kernels
-    net.to(device)
+    net.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     if attention is not None:
         attention.to(device)
     params = list(net.parameters()) + (list(attention.parameters()) if attention is not None else [])

@@ -9,33 +9,49 @@ FPR (FPR95, ID positive) AUROC AUIN, ×100; it is also written as CSV, JSON and 
 under ``--output-dir/<in-dataset>/<name>/``.
 """
 import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
-if __name__ == '__main__' and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # `python CSD/CSD.py` puts CSD/ first on sys.path, where this very file would shadow the
-    # CSD package (`import CSD.scoring` would find CSD.py): drop that entry. The only sys.path
-    # change in the project; the package itself is importable through the editable install.
-    del sys.path[0]
+import numpy as np
+import torch
 
-import torch  # noqa: E402  (after the sys.path fix above)
-
-from CSD.feature_collect import add_feature_args, describe_norm, get_splits, prepare, run_name
-from CSD.scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k
+if __package__:   # imported as the package module CSD.CSD (tests, bench/mode_fmnist.py, python -m)
+    from CSD.baselines import BASELINES
+    from CSD.feature_collect import add_feature_args, default_ood, describe_norm, get_splits, prepare, run_name
+    from CSD.scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k
+else:
+    # `python CSD/CSD.py`: Python puts CSD/ first on the path, where this very file would
+    # shadow the CSD package (`import CSD.scoring` would find CSD.py). Its neighbours import
+    # by their own names instead; they import only util.*, so nothing is loaded twice.
+    from baselines import BASELINES
+    from feature_collect import add_feature_args, default_ood, describe_norm, get_splits, prepare, run_name
+    from scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k
 from util.errors import UserError, run_cli
-from util.metrics import TABLE_COLUMNS, cal_metric, format_table, write_results
+from util.knn import knn_accuracy
+from util.metrics import TABLE_COLUMNS, cal_metric, format_table, openood_rows, write_openood_csv, write_results
+
+METHODS = list(SCALE_SETS) + list(BASELINES)
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MODE test-time OOD detection (KNN / CSD)', add_help=True)
     add_feature_args(parser)
-    parser.add_argument('--method', nargs='+', default=['knn', 'csd'], choices=list(SCALE_SETS),
-                        help='scores to report (default: knn csd)')
-    parser.add_argument('--k', type=int, nargs='+', default=None,
+    parser.add_argument('--method', nargs='+', default=['knn', 'csd'], choices=METHODS,
+                        help='scores to report: k-NN scores knn csd local global+center; post-hoc baselines msp '
+                             'energy mahalanobis vim react ssd (CSD/baselines.py; logit-based ones need a CE or '
+                             'linear-probe checkpoint) (default: knn csd)')
+    parser.add_argument('--near', nargs='+', default=None,
+                        help='OOD rows that are near OOD: the tables add "AVG near" and "AVG far" rows (OpenOOD v1.5)')
+    parser.add_argument('--save-scores', action='store_true',
+                        help='also write <method>_scores.npz: the ID test scores under "id", one array per OOD row')
+    parser.add_argument('--k', nargs='+', default=None,
                         help="neighbours, one per --method or one for all (default: knn 50 for CIFAR-10, 200 for "
-                             "CIFAR-100, 1000 for ImageNet, 50 otherwise, as Sun et al.; csd and its ablations 10)")
+                             "CIFAR-100, 1000 for ImageNet, 50 otherwise, as Sun et al.; csd and its ablations 10). "
+                             "'auto' picks k from a grid on validation data the tables never use: a seeded 20%% of the "
+                             "ID test images (then left out of every table of the run) against --k-val-ood")
+    parser.add_argument('--k-val-ood', default='noise',
+                        help="with --k auto: the validation OOD set, never reported (default noise: the authors' "
+                             "Gaussian inputs, generated)")
     parser.add_argument('--search', default='faiss', choices=SEARCH_BACKENDS,
                         help='exact k-NN backend: faiss (IndexFlatL2, GPU index on CUDA) or torch (GEMM + topk); '
                              'same numbers (default faiss)')
@@ -49,56 +65,148 @@ def get_args_parser():
     return parser
 
 
-def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None):
-    """Fit ``method`` on the train bank; -> (ID test scores, {ood: scores})."""
+def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None, head=None):
+    """Fit ``method`` on the ID training split; -> (ID test scores, {ood: scores})."""
+    if method in BASELINES:
+        scorer = BASELINES[method]().fit(splits['train'], head)
+        return scorer.score(splits['test']), {n: scorer.score(splits[n]) for n in ood_names}
     scorer = build_score(method, k, str(device), backend, mem_budget).fit(splits['train']['features'])
     id_scores = scorer.score(splits['test']['features'])
     return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}
 
 
-def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False, backend='faiss', mem_budget=None):
+def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False, backend='faiss', mem_budget=None,
+             head=None):
     """-> ({ood: metrics}, (ID scores, {ood: scores}))."""
-    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names, backend, mem_budget)
+    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names, backend, mem_budget, head)
     metrics = {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
     return metrics, (id_scores, ood_scores)
 
 
+K_GRID = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def parse_k(text):
+    if str(text) == 'auto':
+        return 'auto'
+    try:
+        k = int(text)
+    except ValueError:
+        raise UserError(f"--k {text!r} is not a number of neighbours: give k >= 1 or auto") from None
+    if k < 1:
+        raise UserError(f"--k {k} is not a number of neighbours: give k >= 1 (or leave --k out for the paper's k)")
+    return k
+
+
+def _take(split, idx):
+    return {**{k: np.asarray(v)[idx] for k, v in split.items() if k in ('features', 'labels', 'logits')},
+            'meta': {**split['meta'], 'n': len(idx)}}
+
+
+def hold_out_validation(splits, val_ood):
+    """--k auto: a seeded 20% of the ID test images becomes validation ID data and leaves the
+    ID test split (every table of the run then uses the other 80%); the validation OOD set is
+    popped from the splits, so it is never reported."""
+    test = splits['test']
+    n = len(test['features'])
+    val = np.sort(np.random.default_rng(0).choice(n, max(1, n // 5), replace=False))
+    rest = np.setdiff1d(np.arange(n), val)
+    splits['val_id'], splits['test'] = _take(test, val), _take(test, rest)
+    splits['val_ood'] = splits.pop(val_ood)
+    return {'train': splits['train'], 'val_id': splits['val_id'], 'val_ood': splits['val_ood'], 'name': val_ood}
+
+
+def choose_k(validation, method, device, backend):
+    """The k of ``K_GRID`` (up to the bank size) with the best validation AUROC; ties -> the smaller k."""
+    results = {}
+    for k in K_GRID:
+        scorer = build_score(method, k, str(device), backend)
+        try:
+            scorer.fit(validation['train']['features'])
+            id_s, ood_s = scorer.score(validation['val_id']['features']), scorer.score(validation['val_ood']['features'])
+        except UserError:   # k larger than the bank
+            break
+        results[k] = cal_metric(id_s, ood_s)['AUROC']
+    best = max(results, key=lambda k: (results[k], -k))
+    return best, {'grid': list(results), 'auroc': results, 'chosen': best,
+                  'val_id': len(validation['val_id']['features']), 'val_ood': validation['name']}
+
+
+def id_accuracy(splits, num_classes, device, backend):
+    """-> (how, fraction) of the ID test set: the classifier when the model has one, else a
+    kNN vote (k = 20, cosine weights) on global features against the training bank."""
+    test, train = splits['test'], splits['train']
+    if 'logits' in test:
+        return 'classifier', float((np.asarray(test['logits']).argmax(1) == np.asarray(test['labels'])).mean())
+    acc = knn_accuracy(train['features'][:, 4], train['labels'], test['features'][:, 4], test['labels'], 20,
+                       num_classes, device=str(device), backend=backend)
+    return 'kNN-20 vote', acc
+
+
 def main(args):
     methods = args.method
-    ks = args.k or [None] * len(methods)
+    ks = [parse_k(k) for k in args.k] if args.k else [None] * len(methods)
     if len(ks) == 1:
         ks = ks * len(methods)
     if len(ks) != len(methods):
         raise UserError(f"--k takes one value or one per --method ({len(methods)}), got {len(ks)}")
-    bad = [k for k in ks if k is not None and k < 1]
-    if bad:
-        raise UserError(f"--k {bad[0]} is not a number of neighbours: give k >= 1 (or leave --k out for the paper's k)")
+    auto = 'auto' in ks
     device, spec, model, info = prepare(args)
+    if auto:
+        reported = args.out_datasets if args.out_datasets is not None else default_ood(spec.name, args.id_classes or
+                                                                                   info['record'].get('id_classes'))
+        if args.k_val_ood in reported:
+            raise UserError(f"--k-val-ood {args.k_val_ood} is also in --out-datasets: the validation set of --k auto "
+                            f"must not be reported")
+        args.out_datasets = [*reported, args.k_val_ood]
     splits = get_splits(args, model, info, spec, device)
+    validation = hold_out_validation(splits, args.k_val_ood) if auto else None
+    head = None
+    if getattr(model, 'fc', None) is not None:   # SupCEResNet or a linear probe: (W, b) for ViM / ReAct
+        head = (model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy())
     del model  # the search needs the memory now (a faiss GPU index allocates outside torch's cache)
     if device.type == 'cuda':
         torch.cuda.empty_cache()
-    ood_names = [n for n in splits if n not in ('train', 'test')]
+    ood_names = [n for n in splits if n not in ('train', 'test', 'val_id', 'val_ood')]
     if not ood_names:
         raise UserError('no OOD sets to score: pass --out-datasets')
+    near = [n for n in (args.near or []) if n in ood_names]
+    unknown = sorted(set(args.near or []) - set(ood_names))
+    if unknown:
+        raise UserError(f"--near {' '.join(unknown)}: not among the OOD rows ({', '.join(ood_names)})")
     columns = TABLE_COLUMNS + (('AUOUT',) if args.auout else ()) + (('FPR_OODpos',) if args.ood_positive_fpr else ())
     out_dir = Path(args.output_dir) / spec.name / run_name(args)
+    accuracy = id_accuracy(splits, spec.num_classes, device, args.search)
+    acc_line = f"ID accuracy ({accuracy[0]}): {100 * accuracy[1]:.2f}%"
     all_results, all_scores = {}, {}
     for method, k in zip(methods, ks):
-        k = default_k(method, spec.name) if k is None else k
+        uses_k = method not in BASELINES
+        selection = None
+        if uses_k and k == 'auto':
+            k, selection = choose_k(validation, method, device, args.search)
+            print(f"\n--k auto for {method}: k = {k}, the best AUROC on validation data the table does not use "
+                  f"({selection['val_id']} held-out ID test images vs {selection['val_ood']}, never reported)")
+        k = (default_k(method, spec.name) if k is None else k) if uses_k else None
         t0 = time.perf_counter()
         results, scores = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr, args.search,
-                                   int(args.search_mem * 2**30) if args.search_mem else None)
-        title = (f"{method.upper()} (k={k}) | ID {spec.name} | {info['arch']} | {run_name(args)} "
+                                   int(args.search_mem * 2**30) if args.search_mem else None, head)
+        name = f"{method.upper()} (k={k})" if uses_k else method.upper()
+        title = (f"{name} | ID {spec.name} | {info['arch']} | {run_name(args)} "
                  f"| bank {splits['train']['features'].shape[0]} images | {describe_norm(info['norm'])} "
                  f"| {time.perf_counter() - t0:.1f}s")
         print()
-        print(format_table(results, title, columns))
+        print(format_table(results, title, columns, near=near, header=[acc_line]))
+        prefix = str(out_dir / (f'{method}_k{k}' if uses_k else method))
         meta = {'method': method, 'k': k, 'in_dataset': spec.name, 'arch': info['arch'], 'ckp': str(args.ckp),
+                'id_accuracy': {'how': accuracy[0], 'value': accuracy[1]}, 'near': near, 'k_selection': selection,
                 'test_norm': {'source': info['norm'][2], 'mean': list(info['norm'][0]), 'std': list(info['norm'][1])},
                 'n_train': int(splits['train']['meta']['n']), 'n_test': int(splits['test']['meta']['n']),
                 'n_ood': {n: int(splits[n]['meta']['n']) for n in ood_names}}
-        files = write_results(results, str(out_dir / f'{method}_k{k}'), columns, meta)
+        files = write_results(results, prefix, columns, meta, near=near)
+        files.append(write_openood_csv(openood_rows(scores[0], scores[1], near, accuracy[1]), prefix + '_openood.csv'))
+        if args.save_scores:
+            np.savez(prefix + '_scores.npz', id=scores[0], **scores[1])
+            files.append(prefix + '_scores.npz')
         print(f"written: {', '.join(files)}")
         all_results[method] = results
         all_scores[method] = scores

@@ -2,6 +2,8 @@
 
     python bench/mode_fmnist.py --seeds 0 --figures          # the main job (demo.sh), one seed
     python bench/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
+    python bench/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~1 h a seed here)
+    python bench/mode_fmnist.py --preset full --seeds 1 2    # later; the summary covers every seed found
 
 ID = Fashion-MNIST classes 0-5 (T-shirt, trouser, pullover, dress, coat, sandal); OOD =
 the held-out classes 6-9 (near OOD: shirt, sneaker, bag, ankle boot) and far OOD: sklearn's
@@ -21,26 +23,47 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 FMNIST_CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot']
 NEAR = ['fashion-mnist-heldout']
-MODELS = ['Base', 'ALPA-finetune', 'ALPA-train']
+MODELS = ['Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*']
 METHODS = ['knn', 'csd']
+
+
+# Budgets of the presets; explicit flags override them. 'demo' is the main job (bash demo.sh,
+# at most 10 minutes from a fresh clone on these 2 cores); 'full' trains every model to
+# convergence (issue 10): whole epochs over the 36,000 ID images and the full bank.
+PRESETS = {
+    'demo': dict(epochs=4, steps_per_epoch=40, finetune_epochs=2, lr=0.1, finetune_lr=0.02, train_lr=0.1,
+                 max_train=6000, ce=False),
+    'full': dict(epochs=10, steps_per_epoch=None, finetune_epochs=3, lr=0.1, finetune_lr=0.02, train_lr=0.1,
+                 max_train=None, ce=True),
+}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser('MODE Fashion-MNIST protocol')
+    p.add_argument('--preset', default='demo', choices=sorted(PRESETS),
+                   help="budgets: demo (the main job, minutes) or full (converged, about an hour a seed); default demo")
+    p.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'],
+                   help='training precision: auto = bf16 autocast + channels_last where the CPU/GPU runs bf16 '
+                        'natively, else fp32 (features are always fp32); default auto')
     p.add_argument('--seeds', type=int, nargs='+', default=[0], help='training seeds (default 0)')
     p.add_argument('--id-classes', type=int, nargs='+', default=[0, 1, 2, 3, 4, 5], help='ID classes (default 0-5)')
     p.add_argument('--model', default='resnet18', help='CIFAR-style encoder (default resnet18)')
     p.add_argument('--width', type=int, default=16, help='ResNet base width, 64 in the paper (default 16 for CPU)')
     p.add_argument('--batch-size', type=int, default=128, help='images per step, 2 views each (default 128)')
-    p.add_argument('--epochs', type=int, default=3, help='Base and ALPA-train epochs (default 3)')
-    p.add_argument('--steps-per-epoch', type=int, default=40, help='steps per epoch, a random part of the 36k images (default 40)')
-    p.add_argument('--finetune-epochs', type=int, default=2, help='ALPA-finetune epochs (default 2)')
-    p.add_argument('--lr', type=float, default=0.1, help='Base / ALPA-train learning rate (default 0.1)')
-    p.add_argument('--finetune-lr', type=float, default=0.02, help='ALPA-finetune learning rate (default 0.02)')
-    p.add_argument('--max-train', type=int, default=6000, help='ID training images in the k-NN bank (default 6000)')
+    p.add_argument('--epochs', type=int, default=None, help='Base and ALPA-train epochs (default: the preset\'s)')
+    p.add_argument('--steps-per-epoch', type=int, default=None,
+                   help='steps per epoch, a random part of the 36k images (default: the preset\'s; full = whole epochs)')
+    p.add_argument('--finetune-epochs', type=int, default=None, help='ALPA-finetune epochs (default: the preset\'s)')
+    p.add_argument('--lr', type=float, default=None, help='Base learning rate (default: the preset\'s, 0.1)')
+    p.add_argument('--finetune-lr', type=float, default=None,
+                   help='ALPA-finetune learning rate (default 0.02: the paper\'s finetune/base ratio 0.1/0.5 of --lr)')
+    p.add_argument('--train-lr', type=float, default=None, help='ALPA-train learning rate (default: the preset\'s)')
+    p.add_argument('--max-train', type=int, default=None,
+                   help='ID training images in the k-NN bank (default: the preset\'s; demo 6000, full all)')
     p.add_argument('--data-root', default='datasets', help='data root (default ./datasets)')
     p.add_argument('--out-dir', default='runs/fmnist', help='checkpoints, caches, tables, figures (default ./runs/fmnist)')
     p.add_argument('--device', default=None, help='cpu or cuda (default cuda when present)')
@@ -54,43 +77,97 @@ def get_args_parser():
     return p
 
 
-def train(args, seed, mode, base_ckp=None):
+def slug(mode):
+    """A model name as a folder name: 'ALPA-finetune*' -> 'ALPA-finetune-ce'."""
+    return mode.replace('*', '-ce')
+
+
+def resolve_preset(args):
+    """Fill every budget flag left unset from ``--preset``; pick the training precision."""
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    from util.misc import autocast_dtype, pick_device
+    device = pick_device(args.device)
+    if args.precision == 'auto':
+        args.precision = 'bf16' if autocast_dtype(device, True) == torch.bfloat16 else 'fp32'
+    how = {'bf16': 'bf16 autocast + channels_last', 'fp32': 'fp32'}[args.precision]
+    why = ('native bf16 on this CPU' if device.type == 'cpu' else 'GPU') if args.precision == 'bf16' else ''
+    print(f"[mode_fmnist] preset {args.preset}; training in {how}" + (f" ({why})" if why else '') + "; features fp32")
+    return args
+
+
+def train(args, seed, mode, base_ckp=None, loss='supcon'):
     from ALPA import main_supcon
     argv = ['--dataset', 'fashion-mnist', '--data_folder', args.data_root, '--id_classes', *map(str, args.id_classes),
             '--model', args.model, '--width', str(args.width), '--batch_size', str(args.batch_size),
-            '--max_steps', str(args.steps_per_epoch), '--num_workers', str(args.num_workers), '--cosine',
-            '--temp', '0.1', '--seed', str(seed), '--save_folder', os.path.join(args.out_dir, f'seed{seed}', mode),
-            '--save_freq', '0', '--eval_knn', '20' if mode == 'Base' else '-1', '--eval_max_train', str(args.max_train),
-            '--resume', 'auto']
+            '--num_workers', str(args.num_workers), '--cosine', '--seed', str(seed),
+            '--save_folder', os.path.join(args.out_dir, f'seed{seed}', slug(mode)), '--save_freq', '0',
+            '--eval_knn', '20' if mode in ('Base', 'CE') else '-1', '--resume', 'auto']
+    if loss == 'supcon':
+        argv += ['--temp', '0.1']
+    if args.max_train:
+        argv += ['--eval_max_train', str(args.max_train)]
+    if args.steps_per_epoch:
+        argv += ['--max_steps', str(args.steps_per_epoch)]
+    if args.precision == 'bf16':
+        argv += ['--amp', '--amp_dtype', 'bf16', '--channels_last']
     if args.device:
         argv += ['--device', args.device]
     if args.download:
         argv += ['--download']
-    if mode == 'ALPA-finetune':
+    if mode.startswith('ALPA-finetune'):
         argv += ['--alpa_finetune', '--ckp', base_ckp, '--epochs', str(args.finetune_epochs),
                  '--learning_rate', str(args.finetune_lr)]
+    elif mode == 'ALPA-train':
+        argv += ['--alpa_train', '--epochs', str(args.epochs), '--learning_rate', str(args.train_lr)]
     else:
         argv += ['--epochs', str(args.epochs), '--learning_rate', str(args.lr)]
-        if mode == 'ALPA-train':
-            argv += ['--alpa_train']
-    return main_supcon.main(main_supcon.get_args_parser().parse_args(argv))
+    parser = main_supcon.get_args_parser(loss)
+    return main_supcon.main(parser.parse_args(argv))
 
 
 def score(args, seed, mode, ckp):
     from CSD import CSD as csd_cli
-    argv = ['--in-dataset', 'fashion-mnist', '--ckp', ckp, '--name', f'seed{seed}-{mode}', '--data-root', args.data_root,
+    argv = ['--in-dataset', 'fashion-mnist', '--ckp', ckp, '--name', f'seed{seed}-{slug(mode)}', '--data-root', args.data_root,
             '--cache-dir', os.path.join(args.out_dir, 'cache'), '--output-dir', os.path.join(args.out_dir, 'results'),
-            '--num-workers', str(args.num_workers), '--max-train', str(args.max_train),
-            '--out-datasets', *NEAR, *args.far, '--method', *METHODS, '--search', args.search]
+            '--num-workers', str(args.num_workers), '--out-datasets', *NEAR, *args.far, '--method', *METHODS,
+            '--search', args.search]
+    if args.max_train:
+        argv += ['--max-train', str(args.max_train)]
     if args.device:
         argv += ['--device', args.device]
     return csd_cli.main(csd_cli.get_args_parser().parse_args(argv))
 
 
+def protocol_config(args):
+    """What makes two seeds' results comparable: every knob but the seeds, paths and workers."""
+    from util.fingerprint import code_hash
+    skip = {'seeds', 'out_dir', 'data_root', 'num_workers', 'device', 'figures', 'download', 'search'}
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    config['code'] = code_hash(('ALPA', 'CSD', 'util', 'bench/mode_fmnist.py'))   # never merge old code's numbers
+    return config
+
+
+def merge_seeds(args, per_seed):
+    """This run's seeds plus every other seed's ``results.json`` under --out-dir made with the
+    same protocol (seeds run in separate invocations end up in one table)."""
+    merged = dict(per_seed)
+    for f in sorted(Path(args.out_dir).glob('seed*/results.json')):
+        seed = int(f.parent.name[4:])
+        if seed in merged:
+            continue
+        saved = json.loads(f.read_text())
+        if saved.get('config') == json.loads(json.dumps(protocol_config(args))):
+            merged[seed] = saved['results']
+            print(f"[mode_fmnist] seed {seed}: results from an earlier run ({f})")
+    return dict(sorted(merged.items()))
+
+
 def summary_rows(per_seed, far):
     """per_seed[seed][model][method][ood] = metrics -> rows of mean ± std (×100)."""
     rows = []
-    for model in MODELS:
+    for model in [m for m in MODELS if all(m in per_seed[s] for s in per_seed)]:
         for method in METHODS:
             cells = {}
             for group, names in (('near', NEAR), ('far', far)):
@@ -115,6 +192,7 @@ def format_summary(rows, n_seeds, far):
 
 def draw_figures(args, seed, scored, out):
     """Histograms and ROC per model, t-SNE Base vs ALPA, k-NN retrieval grid."""
+    from CSD.scoring import build_score, default_k
     from CSD.visualize import plot_knn_grid, plot_roc, plot_score_histograms, plot_tsne
     from util import data as data_lib
     from util import ood as ood_lib
@@ -123,11 +201,11 @@ def draw_figures(args, seed, scored, out):
     for model, res in scored.items():
         for method in METHODS:
             ids, oods = res['scores'][method]
-            paths.append(plot_score_histograms(ids, oods, os.path.join(out, f'hist_{model}_{method}.png'),
+            paths.append(plot_score_histograms(ids, oods, os.path.join(out, f'hist_{slug(model)}_{method}.png'),
                                                f'{model}, {method.upper()} scores: ID test vs each OOD set (seed {seed})'))
         curves = {n: {m.upper(): (res['scores'][m][0], res['scores'][m][1][n]) for m in METHODS}
                   for n in res['scores']['knn'][1]}
-        paths.append(plot_roc(curves, os.path.join(out, f'roc_{model}.png'), f'{model}: ROC, ID = positive (seed {seed})'))
+        paths.append(plot_roc(curves, os.path.join(out, f'roc_{slug(model)}.png'), f'{model}: ROC, ID = positive (seed {seed})'))
     # t-SNE: the same 1,200 ID test images + 300 held-out + 300 digits (or fewer), global vectors
     rng = np.random.default_rng(0)
     panels = {}
@@ -153,41 +231,39 @@ def draw_figures(args, seed, scored, out):
     held = ood_lib.get_ood_dataset('fashion-mnist-heldout', args.data_root, spec, None, args.id_classes)
     for model in ('Base', 'ALPA-finetune'):
         sp = scored[model]['splits']
-        bank = l2_normalize(np.asarray(sp['train']['features']))           # [N, 6, C]
-        bank_idx = np.asarray(sp['train']['indices']) if 'indices' in sp['train'] else np.arange(len(bank))
-        flat = bank.reshape(-1, bank.shape[-1])
+        train_feats = np.asarray(sp['train']['features'])                  # [N, 6, C]
+        bank_idx = np.asarray(sp['train']['indices']) if 'indices' in sp['train'] else np.arange(len(train_feats))
+        # The table's own scorers (same k, same search): CSD also says which scale decided.
+        csd = build_score('csd', default_k('csd'), backend=args.search).fit(train_feats)
+        knn = build_score('knn', 5, backend=args.search).fit(train_feats)
         rows = []
         for split, ds in (('test', test_imgs), ('fashion-mnist-heldout', held)):
-            q_all = l2_normalize(np.asarray(sp[split]['features']))
+            q_all = np.asarray(sp[split]['features'][:50])
             # Among the first 50 queries: two whose CSD score is decided by a local vector
             # (what the paper's figure illustrates), then one decided by the global one.
-            decided = []
-            for i in range(min(50, len(q_all))):
-                sims = flat @ q_all[i].T                                      # [N·6, 6]
-                decided.append(int(np.argmax(np.sort(sims, axis=0)[-min(10, len(flat))])))
-            local = [i for i, s_ in enumerate(decided) if SCALES[s_] != 'global'][:2]
-            glob = [i for i, s_ in enumerate(decided) if SCALES[s_] == 'global'][:3 - len(local)]
+            _, decided = csd.score(q_all, return_scale=True)
+            local = [i for i, s_ in enumerate(decided) if s_ != 'global'][:2]
+            glob = [i for i, s_ in enumerate(decided) if s_ == 'global'][:3 - len(local)]
             for i in local + glob:
-                q = q_all[i]                                                  # [6, C]
-                g = np.argsort(-(bank[:, 4] @ q[4]))[:5]
-                sims = flat @ q.T                                             # [N·6, 6]
-                s_best = decided[i]                                           # scale of the max over −d_k
-                loc = np.argsort(-sims[:, s_best])[:5]
-                lab = lambda ds_, j: FMNIST_CLASSES[args.id_classes[int(ds_[j][1])]] if ds_ is train_imgs else ''
+                q = l2_normalize(q_all[i])                                    # [6, C]
+                _, g = knn.search.search(q[4:5], 5)                           # global bank: rows = images
+                _, loc = csd.search.search(q[SCALES.index(decided[i])][None], 5)   # pooled bank: N·6 rows
+                lab = lambda j: FMNIST_CLASSES[args.id_classes[int(train_imgs[j][1])]]
                 rows.append({
                     'query': np.asarray(ds[i][0]),
-                    'query_label': f"{'ID' if split == 'test' else 'OOD'}, CSD uses {SCALES[s_best]}",
-                    'groups': [('KNN: global', [(np.asarray(train_imgs[bank_idx[j]][0]), lab(train_imgs, bank_idx[j]))
-                                                for j in g]),
+                    'query_label': f"{'ID' if split == 'test' else 'OOD'}, CSD uses {decided[i]}",
+                    'groups': [('KNN: global', [(np.asarray(train_imgs[bank_idx[j]][0]), lab(bank_idx[j]))
+                                                for j in g[0]]),
                                ('CSD: its deciding scale', [(np.asarray(train_imgs[bank_idx[j // 6]][0]),
-                                                            f'{lab(train_imgs, bank_idx[j // 6])} {SCALES[j % 6]}')
-                                                           for j in loc])]})
+                                                            f'{lab(bank_idx[j // 6])} {SCALES[j % 6]}')
+                                                           for j in loc[0]])]})
         paths.append(plot_knn_grid(rows, os.path.join(out, f'knn_grid_{model}.png'),
                                    f'{model}: 5 nearest training images, global (KNN) vs CSD\'s deciding scale'))
     return paths
 
 
 def main(args):
+    args = resolve_preset(args)
     t_start = time.perf_counter()
     per_seed, timings = {}, {}
     for seed in args.seeds:
@@ -200,6 +276,11 @@ def main(args):
             t0 = time.perf_counter()
             ckps[mode] = train(args, seed, mode, base_ckp=base['last'])['last']
             timings[f'seed{seed} train {mode}'] = time.perf_counter() - t0
+        if args.ce:   # the * rows: a CE backbone and its MODE-F*
+            for mode in ('CE', 'ALPA-finetune*'):
+                t0 = time.perf_counter()
+                ckps[mode] = train(args, seed, mode, base_ckp=ckps.get('CE'), loss='ce')['last']
+                timings[f'seed{seed} train {mode}'] = time.perf_counter() - t0
         for mode, ckp in ckps.items():
             t0 = time.perf_counter()
             scored[mode] = score(args, seed, mode, ckp)
@@ -210,7 +291,11 @@ def main(args):
             paths = draw_figures(args, seed, scored, os.path.join(args.out_dir, 'figures'))
             timings['figures'] = time.perf_counter() - t0
             print('\nfigures:\n  ' + '\n  '.join(paths))
-    text, md = format_summary(summary_rows(per_seed, args.far), len(args.seeds), args.far)
+        seed_file = Path(args.out_dir) / f'seed{seed}' / 'results.json'
+        seed_file.parent.mkdir(parents=True, exist_ok=True)
+        seed_file.write_text(json.dumps({'config': protocol_config(args), 'results': per_seed[seed]}, indent=1))
+    per_seed = merge_seeds(args, per_seed)
+    text, md = format_summary(summary_rows(per_seed, args.far), len(per_seed), args.far)
     print('\n' + text)
     os.makedirs(args.out_dir, exist_ok=True)
     (Path(args.out_dir) / 'summary.md').write_text(md)

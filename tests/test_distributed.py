@@ -28,7 +28,7 @@ def _setup(loss):
     net = build_model(f'resnet18-{loss}', width=4, num_classes=3).eval()  # eval: BN uses running stats
     att = AttentionSimilarity(net.encoder.out_dim, 8)
     args = argparse.Namespace(loss=loss, temp=0.1, temperature_s=10.0, lam=1.0, alpa_train=True,
-                              alpa_finetune=False, amp=False, amp_dtype='auto')
+                              alpa_finetune=False, amp=False, amp_dtype='auto', channels_last=False)
     g = torch.Generator().manual_seed(1)
     views = torch.randn(2, 8, 3, 32, 32, generator=g)      # [view, B=8, ...]
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])

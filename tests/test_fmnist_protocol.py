@@ -33,3 +33,18 @@ def test_mode_fmnist_end_to_end(fmnist_root, tmp_path, capsys):
     assert 'tsne.png' in figs and 'knn_grid_ALPA-finetune.png' in figs and 'roc_Base.png' in figs
     assert sum(f.startswith('hist_') for f in figs) == 6
     assert all((tmp_path / 'figures' / f).stat().st_size > 10_000 for f in figs)
+
+
+@pytest.mark.slow
+def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, tmp_path, capsys):
+    common = ['--preset', 'full', '--width', '4', '--batch-size', '8', '--epochs', '1', '--steps-per-epoch', '2',
+              '--finetune-epochs', '1', '--max-train', '60', '--data-root', str(fmnist_root), '--out-dir', str(tmp_path),
+              '--device', 'cpu', '--num-workers', '0', '--far', 'digits', '--precision', 'fp32']
+    mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--seeds', '0', *common]))
+    capsys.readouterr()
+    per_seed = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--seeds', '1', *common]))
+    out = capsys.readouterr().out
+    assert set(per_seed) == {0, 1} and 'seed 0: results from an earlier run' in out
+    assert set(per_seed[0]) == {'Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*'}
+    summary = [line.split()[:2] for line in out.splitlines() if line.count('±') == 4]
+    assert ['CE', 'knn'] in summary and ['ALPA-finetune*', 'csd'] in summary and 'over 2 seed(s)' in out

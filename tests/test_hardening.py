@@ -506,7 +506,7 @@ def test_two_independent_cli_runs_give_identical_tables(data_root, ckpts, tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
     files = {run: sorted(p.relative_to(tmp_path / run / 'results')
                          for p in (tmp_path / run / 'results').rglob('*') if p.is_file()) for run in procs}
-    assert files['one'] == files['two'] and len(files['one']) == 6     # {knn, csd} x {csv, json, md}
+    assert files['one'] == files['two'] and len(files['one']) == 8     # {knn, csd} x {csv, json, md, _openood.csv}
     for rel in files['one']:
         a, b = (tmp_path / 'one' / 'results' / rel).read_bytes(), (tmp_path / 'two' / 'results' / rel).read_bytes()
         assert a == b, rel

@@ -15,7 +15,7 @@ def fit_one_batch(steps=30, finetune=False, detach_alpa=False):
     net = build_model('resnet18-supcon', width=8, feat_dim=32)
     att = AttentionSimilarity(net.encoder.out_dim, 16)
     args = argparse.Namespace(loss='supcon', temp=0.1, temperature_s=10.0, lam=1.0, alpa_train=not finetune,
-                              alpa_finetune=finetune, amp=False, amp_dtype='auto')
+                              alpa_finetune=finetune, amp=False, amp_dtype='auto', channels_last=False)
     opt = torch.optim.SGD([*net.parameters(), *att.parameters()], lr=0.05, momentum=0.9)
     trainer = Trainer(args, TrainForward(net), att, opt, torch.device('cpu'), None)
     g = torch.Generator().manual_seed(1)

@@ -338,4 +338,4 @@ def test_csd_default_k_shown_for_cifar100(tmp_path):
         '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',
         '--device', 'cpu', '--out-datasets', 'SVHN', '--method', 'knn', 'csd', '--search', 'torch']))
     assert sorted(os.listdir(out['out_dir'])) == sorted(
-        f'{m}_k{k}.{e}' for m, k in (('knn', 200), ('csd', 10)) for e in ('csv', 'json', 'md'))
+        f'{m}_k{k}{e}' for m, k in (('knn', 200), ('csd', 10)) for e in ('.csv', '.json', '.md', '_openood.csv'))

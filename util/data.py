@@ -388,7 +388,9 @@ def _load_cifar(name, root, split, download):
                         f"{info['archive']} files there (https://www.cs.toronto.edu/~kriz/{info['archive']})")
     data, labels = [], []
     for f in files:
-        # No md5 check (unlike torchvision), so hand-made or re-pickled files load too.
+        # Our own reader, not torchvision.datasets.CIFAR10: torchvision checks each batch's md5
+        # before reading, so the tests' small files in the real pickle format (and any
+        # re-packed copy a user has) would be refused.
         try:
             with open(f, 'rb') as fh:
                 entry = pickle.load(fh, encoding='latin1')
@@ -411,6 +413,9 @@ FASHION_MNIST_DIRS = ('{root}/FashionMNIST/raw',)
 _FMNIST_PREFIX = {'train': 'train', 'test': 't10k'}
 
 
+# Our own IDX reader, not torchvision.datasets.FashionMNIST: torchvision reads only the
+# uncompressed files it extracted itself, while Debian's dataset-fashion-mnist (the data
+# of the main job here) and the tests' fixtures are the standard .gz files.
 def read_idx(path, expected_magic=None):
     """An IDX file (plain or gzip) as a numpy array: images (magic 2051) ``[N, rows, cols]``
     uint8, labels (magic 2049) ``[N]`` uint8. Big-endian header."""

@@ -22,6 +22,7 @@ Convention: ID is the positive class and a higher score means "more ID".
 All values are fractions in [0, 1]; tables print them ×100. Inputs are never modified.
 """
 import csv
+import io
 import json
 import math
 import os
@@ -116,29 +117,35 @@ COLUMN_LABELS = {'FPR': 'FPR', 'AUROC': 'AUROC', 'AUIN': 'AUIN', 'AUOUT': 'AUOUT
                  'FPR_OODpos': 'FPR(OOD+,OpenOOD)'}
 
 
-def results_table(results, columns=TABLE_COLUMNS):
+def results_table(results, columns=TABLE_COLUMNS, near=None):
     """``{ood_name: metrics}`` -> list of (row_name, {col: value×100}) with an ``AVG`` row
-    that is the mean of the rows (recomputed, never copied)."""
+    that is the mean of the rows (recomputed, never copied). With ``near`` (names of near-OOD
+    rows; the others are far), ``AVG near`` and ``AVG far`` rows follow (OpenOOD v1.5's groups)."""
     rows = [(name, {c: 100.0 * m[c] for c in columns}) for name, m in results.items()]
+    mean = lambda rs: {c: float(np.mean([r[c] for _, r in rs])) for c in columns}
     if rows:
-        rows.append(('AVG', {c: float(np.mean([r[c] for _, r in rows])) for c in columns}))
+        groups = [('AVG', rows)]
+        if near:
+            groups += [('AVG near', [r for r in rows if r[0] in near]), ('AVG far', [r for r in rows if r[0] not in near])]
+        rows = rows + [(name, mean(rs)) for name, rs in groups if rs]
     return rows
 
 
-def format_table(results, title='', columns=TABLE_COLUMNS):
-    rows = results_table(results, columns)
+def format_table(results, title='', columns=TABLE_COLUMNS, near=None, header=()):
+    """The printed table; ``header`` lines (e.g. the ID accuracy) go between title and table."""
+    rows = results_table(results, columns, near)
     labels = [COLUMN_LABELS[c] for c in columns]
     w0 = max([len('OOD'), *(len(n) for n, _ in rows)])
     widths = [max(len(label), 7) for label in labels]
-    lines = [title] if title else []
+    lines = ([title] if title else []) + list(header)
     lines.append(f"{'OOD':<{w0}}  " + '  '.join(f"{label:>{w}}" for label, w in zip(labels, widths)))
     for name, r in rows:
         lines.append(f"{name:<{w0}}  " + '  '.join(f"{r[c]:>{w}.2f}" for c, w in zip(columns, widths)))
     return '\n'.join(lines)
 
 
-def markdown_table(results, columns=TABLE_COLUMNS):
-    rows = results_table(results, columns)
+def markdown_table(results, columns=TABLE_COLUMNS, near=None):
+    rows = results_table(results, columns, near)
     labels = [COLUMN_LABELS[c] for c in columns]
     lines = ['| OOD | ' + ' | '.join(labels) + ' |', '|---|' + '---:|' * len(labels)]
     for name, r in rows:
@@ -146,13 +153,13 @@ def markdown_table(results, columns=TABLE_COLUMNS):
     return '\n'.join(lines) + '\n'
 
 
-def write_results(results, prefix, columns=TABLE_COLUMNS, meta=None):
+def write_results(results, prefix, columns=TABLE_COLUMNS, meta=None, near=None):
     """Write ``prefix.csv``, ``prefix.json`` and ``prefix.md`` (atomically each). The Markdown
     file has the printed ``columns``; CSV and JSON have every metric (``FILE_COLUMNS``, DTERR
     included) plus any extra printed column."""
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     file_columns = FILE_COLUMNS + tuple(c for c in columns if c not in FILE_COLUMNS)
-    rows = results_table(results, file_columns)
+    rows = results_table(results, file_columns, near)
 
     def atomic(path, text):
         tmp = path + '.tmp'
@@ -160,14 +167,50 @@ def write_results(results, prefix, columns=TABLE_COLUMNS, meta=None):
             f.write(text)
         os.replace(tmp, path)
 
-    import io
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator='\n')
     writer.writerow(['OOD', *[COLUMN_LABELS[c] for c in file_columns]])
     for name, r in rows:
         writer.writerow([name, *[f"{r[c]:.2f}" for c in file_columns]])
     atomic(prefix + '.csv', buf.getvalue())
-    atomic(prefix + '.md', markdown_table(results, columns))
+    atomic(prefix + '.md', markdown_table(results, columns, near))
     payload = {'metrics': results, 'table_x100': {n: r for n, r in rows}, 'meta': meta or {}}
     atomic(prefix + '.json', json.dumps(payload, indent=2, sort_keys=True) + '\n')
     return [prefix + ext for ext in ('.csv', '.json', '.md')]
+
+
+def openood_rows(id_scores, ood_scores, near=None, accuracy=None):
+    """OpenOOD v1.5's leaderboard columns (×100), to compare with their tables: FPR@95 with
+    **OOD as positive** (``FPR_OODpos``), AUROC, AUPR_IN / AUPR_OUT as OpenOOD computes them
+    (scikit-learn's precision-recall curve, trapezoid ``auc``), ACC (ID accuracy). One row per
+    OOD set, then ``nearood`` / ``farood`` (with ``near``) and ``overall`` means."""
+    from sklearn.metrics import auc, precision_recall_curve
+    rows = []
+    for name, novel in ood_scores.items():
+        known, novel = _as_scores(id_scores, 'ID'), _as_scores(novel, 'OOD')
+        y = np.r_[np.ones(len(known)), np.zeros(len(novel))]
+        s = np.r_[known, novel]
+        p_in, r_in, _ = precision_recall_curve(y, s)
+        p_out, r_out, _ = precision_recall_curve(1 - y, -s)
+        rows.append((name, {'FPR@95': 100 * fpr_at_95_tpr_ood_positive(known, novel), 'AUROC': 100 * auroc(known, novel),
+                            'AUPR_IN': 100 * auc(r_in, p_in), 'AUPR_OUT': 100 * auc(r_out, p_out)}))
+    mean = lambda rs: {c: float(np.mean([r[c] for _, r in rs])) for c in rows[0][1]}
+    groups = [('nearood', [r for r in rows if r[0] in near]), ('farood', [r for r in rows if r[0] not in near])] \
+        if near else []
+    rows += [(n, mean(rs)) for n, rs in groups if rs] + [('overall', mean(rows))]
+    for _, r in rows:
+        r['ACC'] = 100 * accuracy if accuracy is not None else float('nan')
+    return rows
+
+
+def write_openood_csv(rows, path):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator='\n')
+    writer.writerow(['dataset', 'FPR@95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC'])
+    for name, r in rows:
+        writer.writerow([name, *[f"{r[c]:.2f}" for c in ('FPR@95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC')]])
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+    return path
