@@ -16,21 +16,41 @@ import numpy as np
 import torch
 
 if __package__:   # imported as the package module CSD.CSD (tests, bench/mode_fmnist.py, python -m)
-    from CSD.baselines import BASELINES
-    from CSD.feature_collect import add_feature_args, default_ood, describe_norm, get_splits, prepare, run_name
+    from CSD.baselines import BASELINES, odin_scores
+    from CSD.feature_collect import (
+        add_feature_args,
+        default_ood,
+        describe_norm,
+        get_splits,
+        make_loader,
+        prepare,
+        run_name,
+        split_dataset,
+        split_label,
+    )
     from CSD.scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k
 else:
     # `python CSD/CSD.py`: Python puts CSD/ first on the path, where this very file would
     # shadow the CSD package (`import CSD.scoring` would find CSD.py). Its neighbours import
     # by their own names instead; they import only util.*, so nothing is loaded twice.
-    from baselines import BASELINES
-    from feature_collect import add_feature_args, default_ood, describe_norm, get_splits, prepare, run_name
+    from baselines import BASELINES, odin_scores
+    from feature_collect import (
+        add_feature_args,
+        default_ood,
+        describe_norm,
+        get_splits,
+        make_loader,
+        prepare,
+        run_name,
+        split_dataset,
+        split_label,
+    )
     from scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k
 from util.errors import UserError, run_cli
 from util.knn import knn_accuracy
 from util.metrics import TABLE_COLUMNS, cal_metric, format_table, openood_rows, write_openood_csv, write_results
 
-METHODS = list(SCALE_SETS) + list(BASELINES)
+METHODS = list(SCALE_SETS) + list(BASELINES) + ['odin']
 
 
 def get_args_parser():
@@ -38,8 +58,11 @@ def get_args_parser():
     add_feature_args(parser)
     parser.add_argument('--method', nargs='+', default=['knn', 'csd'], choices=METHODS,
                         help='scores to report: k-NN scores knn csd local global+center; post-hoc baselines msp '
-                             'energy mahalanobis vim react ssd (CSD/baselines.py; logit-based ones need a CE or '
-                             'linear-probe checkpoint) (default: knn csd)')
+                             'energy mahalanobis vim react ssd odin (CSD/baselines.py; logit-based ones need a CE or '
+                             'linear-probe checkpoint; odin runs its own forward passes) (default: knn csd)')
+    parser.add_argument('--odin-temperature', type=float, default=1000.0, help='ODIN temperature T (default 1000)')
+    parser.add_argument('--odin-epsilon', type=float, default=0.0014,
+                        help='ODIN input perturbation ε, in pixel units (default 0.0014)')
     parser.add_argument('--near', nargs='+', default=None,
                         help='OOD rows that are near OOD: the tables add "AVG near" and "AVG far" rows (OpenOOD v1.5)')
     parser.add_argument('--save-scores', action='store_true',
@@ -67,6 +90,8 @@ def get_args_parser():
 
 def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None, head=None):
     """Fit ``method`` on the ID training split; -> (ID test scores, {ood: scores})."""
+    if method == 'odin':   # computed with the model (odin_splits): already scores
+        return splits['test']['odin'], {n: splits[n]['odin'] for n in ood_names}
     if method in BASELINES:
         scorer = BASELINES[method]().fit(splits['train'], head)
         return scorer.score(splits['test']), {n: scorer.score(splits[n]) for n in ood_names}
@@ -99,7 +124,7 @@ def parse_k(text):
 
 
 def _take(split, idx):
-    return {**{k: np.asarray(v)[idx] for k, v in split.items() if k in ('features', 'labels', 'logits')},
+    return {**{k: np.asarray(v)[idx] for k, v in split.items() if k in ('features', 'labels', 'logits', 'odin')},
             'meta': {**split['meta'], 'n': len(idx)}}
 
 
@@ -132,6 +157,22 @@ def choose_k(validation, method, device, backend):
                   'val_id': len(validation['val_id']['features']), 'val_ood': validation['name']}
 
 
+def odin_splits(args, model, info, spec, device, splits):
+    """ODIN scores of the ID test set and every OOD set, put beside each split's features
+    (``split['odin']``). They come from forward and backward passes of the model, not from the
+    feature cache, with the same test transform and the images in the same order."""
+    from util import data as data_lib
+    mean, std, _ = info['norm']
+    transform = data_lib.test_transform(spec, mean, std)
+    id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
+    names = args.out_datasets if args.out_datasets is not None else default_ood(spec.name, id_classes)
+    for name in ['test', *names]:
+        dataset, _ = split_dataset(args, spec, name, transform, id_classes)
+        label = split_label(name)
+        splits[label] = {**splits[label], 'odin': odin_scores(model, make_loader(args, dataset, device), device, std,
+                                                              args.odin_temperature, args.odin_epsilon)}
+
+
 def id_accuracy(splits, num_classes, device, backend):
     """-> (how, fraction) of the ID test set: the classifier when the model has one, else a
     kNN vote (k = 20, cosine weights) on global features against the training bank."""
@@ -160,6 +201,8 @@ def main(args):
                             f"must not be reported")
         args.out_datasets = [*reported, args.k_val_ood]
     splits = get_splits(args, model, info, spec, device)
+    if 'odin' in methods:
+        odin_splits(args, model, info, spec, device, splits)
     validation = hold_out_validation(splits, args.k_val_ood) if auto else None
     head = None
     if getattr(model, 'fc', None) is not None:   # SupCEResNet or a linear probe: (W, b) for ViM / ReAct
@@ -180,7 +223,7 @@ def main(args):
     acc_line = f"ID accuracy ({accuracy[0]}): {100 * accuracy[1]:.2f}%"
     all_results, all_scores = {}, {}
     for method, k in zip(methods, ks):
-        uses_k = method not in BASELINES
+        uses_k = method in SCALE_SETS
         selection = None
         if uses_k and k == 'auto':
             k, selection = choose_k(validation, method, device, args.search)

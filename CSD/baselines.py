@@ -169,3 +169,33 @@ class ViM:
 
 
 BASELINES = {'msp': MSP, 'energy': Energy, 'mahalanobis': Mahalanobis, 'vim': ViM, 'react': ReAct, 'ssd': SSD}
+
+
+def odin_scores(model, loader, device, std, temperature=1000.0, epsilon=0.0014):
+    """ODIN (Liang et al. 2018), which needs its own forward and backward passes: for each
+    input x (already normalised), ŷ = argmax f(x), the input is moved against the gradient of
+    −log softmax(f(x)/T)_ŷ, x̃ = x − ε·sign(∇ₓ) / σ_c (the step is ε in pixel units, hence the
+    division by the Normalize std, as in their code), and the score is max softmax(f(x̃)/T).
+    Defaults are the paper's: T = 1000, ε = 0.0014. -> [N] scores, higher = more ID."""
+    import torch
+    import torch.nn.functional as F
+
+    from util.features import exact_fp32
+    if getattr(model, 'fc', None) is None:
+        raise UserError("--method odin needs a classifier: use a CE checkpoint, or a SupCon one through "
+                        "ALPA/main_linear.py (a linear probe)")
+    model.eval()
+    sigma = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    out = []
+    with exact_fp32(device):
+        for batch in loader:
+            if batch is None:
+                continue
+            x = batch[0].to(device).requires_grad_(True)
+            logits = model(x) / temperature
+            loss = F.cross_entropy(logits, logits.argmax(1), reduction='sum')   # per-sample terms: exact signs
+            grad, = torch.autograd.grad(loss, x)
+            with torch.no_grad():
+                x_odin = x - epsilon * torch.sign(grad) / sigma
+                out.append(F.softmax(model(x_odin) / temperature, dim=1).max(dim=1).values.cpu().numpy())
+    return np.concatenate(out).astype(np.float64)

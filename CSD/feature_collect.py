@@ -43,7 +43,12 @@ DEFAULT_OOD = {
 def add_feature_args(parser):
     """Flags shared by feature_collect.py and CSD.py (the authors' names kept)."""
     parser.add_argument('--in-dataset', default='CIFAR-10',
-                        help="ID dataset: CIFAR-10, CIFAR-100, imagenet, fashion-mnist (default CIFAR-10)")
+                        help="ID dataset: CIFAR-10, CIFAR-100, imagenet, fashion-mnist, or path (class folders, for a "
+                             "model trained with --dataset path; see --in-train / --in-test) (default CIFAR-10)")
+    parser.add_argument('--in-train', default=None,
+                        help='with --in-dataset path: the ID training folder <class>/<image> (default: the '
+                             '--data_folder the checkpoint was trained on)')
+    parser.add_argument('--in-test', default=None, help='with --in-dataset path: the ID test folder <class>/<image>')
     parser.add_argument('--out-datasets', nargs='+', default=None,
                         help='OOD sets by name (SVHN dtd places365 LSUN iSUN LSUN_fix ImageNet_fix Imagenet_resize '
                              'iNaturalist SUN Places digits gaussian uniform <in-dataset>-heldout) or image folders; '
@@ -182,32 +187,18 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
     splits = {}
     for split in ['train', 'test', *out_names]:
         source = os.path.abspath(split) if split in folders else data_root
+        if spec.name == 'path' and split in ('train', 'test'):
+            source = os.path.abspath(args.in_train if split == 'train' else args.in_test)
         key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source,
                         device.type)
-        path = split_dir(args.cache_dir, spec.name, name, _split_label(split), key)
+        path = split_dir(args.cache_dir, spec.name, name, split_label(split), key)
         cached = None if force else load_split(path)
         if cached is not None:
             log(f"[cache] {split}: {cached['meta']['n']} images from {path}")
-            splits[_split_label(split)] = cached
+            splits[split_label(split)] = cached
             continue
-        keep = None
-        if split in ('train', 'test'):
-            dataset = data_lib.get_id_dataset(spec.name, args.data_root, split, transform, id_classes,
-                                              download=args.download)
-            if split == 'train' and args.max_train and args.max_train < len(dataset):
-                rng = np.random.default_rng(0)
-                keep = np.sort(rng.choice(len(dataset), args.max_train, replace=False))
-                dataset = torch.utils.data.Subset(dataset, keep.tolist())
-        else:
-            dataset = ood_lib.get_ood_dataset(split, args.data_root, spec, transform, id_classes)
-            ignored = getattr(dataset, 'ignored_files', [])
-            if ignored:
-                shown = ', '.join(os.path.basename(f) for f in ignored[:5]) + (' ...' if len(ignored) > 5 else '')
-                log(f"[warn] {split}: ignored {len(ignored)} non-image files ({shown})")
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-            pin_memory=device.type == 'cuda', collate_fn=data_lib.collate_skip_none,
-            persistent_workers=False)
+        dataset, keep = split_dataset(args, spec, split, transform, id_classes, log)
+        loader = make_loader(args, dataset, device)
         result = collect_features(model, loader, device, source=f"checkpoint {args.ckp}",
                                   progress=lambda it, s=split: progress(it, desc=f'features {s}'))
         if keep is not None:
@@ -218,11 +209,42 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
                                    'ckp': str(args.ckp), 'ckp_sha256': ckp_hash, 'key': key,
                                    'id_classes': id_classes, 'transform': repr(transform), 'device': device.type})
         log(f"[features] {split}: {result['n']} images -> {path}")
-        splits[_split_label(split)] = load_split(path)
+        splits[split_label(split)] = load_split(path)
     return splits
 
 
-def _split_label(split):
+def split_dataset(args, spec, split, transform, id_classes, log=print):
+    """The dataset of one split ('train', 'test' or an OOD name/folder) under the test
+    transform -> (dataset, bank indices or None). ``--max-train`` keeps a seeded subset of the
+    training images (``indices``: rows of the bank -> images of the training set)."""
+    keep = None
+    if split in ('train', 'test') and spec.name == 'path':
+        folder = args.in_train if split == 'train' else args.in_test
+        dataset = data_lib.image_folder(folder, transform, spec.mode, f'path-{split}',
+                                        f'--in-{split} must be a folder of class subfolders')
+    elif split in ('train', 'test'):
+        dataset = data_lib.get_id_dataset(spec.name, args.data_root, split, transform, id_classes,
+                                          download=args.download)
+    else:
+        dataset = ood_lib.get_ood_dataset(split, args.data_root, spec, transform, id_classes)
+        ignored = getattr(dataset, 'ignored_files', [])
+        if ignored:
+            shown = ', '.join(os.path.basename(f) for f in ignored[:5]) + (' ...' if len(ignored) > 5 else '')
+            log(f"[warn] {split}: ignored {len(ignored)} non-image files ({shown})")
+    if split == 'train' and args.max_train and args.max_train < len(dataset):
+        rng = np.random.default_rng(0)
+        keep = np.sort(rng.choice(len(dataset), args.max_train, replace=False))
+        dataset = torch.utils.data.Subset(dataset, keep.tolist())
+    return dataset, keep
+
+
+def make_loader(args, dataset, device):
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                                       pin_memory=device.type == 'cuda', collate_fn=data_lib.collate_skip_none,
+                                       persistent_workers=False)
+
+
+def split_label(split):
     """Display name of a split: an image-folder path is named by its basename."""
     return Path(split).name if os.sep in split or os.path.isdir(split) else split
 
@@ -234,12 +256,33 @@ def default_ood(in_dataset, id_classes):
     return names
 
 
+def path_spec(args, info):
+    """--in-dataset path: the ID spec (size, channels, mean, std, classes) as the checkpoint
+    recorded it when trained with ``--dataset path``; the folders from --in-train / --in-test."""
+    rec, opt = info['record'], info['opt']
+    missing = [k for k in ('size', 'in_channel', 'mean', 'std', 'num_classes') if rec.get(k) is None]
+    if missing:
+        raise UserError(f"{args.ckp} does not record {', '.join(missing)}: --in-dataset path needs a checkpoint "
+                        f"trained here with --dataset path")
+    if args.in_train is None:
+        args.in_train = getattr(opt, 'data_folder', None) if opt is not None else None
+    for flag, folder in (('--in-train', args.in_train), ('--in-test', args.in_test)):
+        if not folder:
+            raise UserError(f"--in-dataset path needs {flag} FOLDER (class subfolders of images)")
+    return data_lib.DatasetSpec('path', int(rec['num_classes']), int(rec['size']), int(rec['in_channel']),
+                                tuple(rec['mean']), tuple(rec['std']), 'cifar')
+
+
 def prepare(args):
     """Resolve device, checkpoint, model and dataset spec from the shared flags."""
     device = pick_device(args.device)
-    spec = data_lib.get_spec(args.in_dataset)
+    if str(args.in_dataset).lower() == 'path':
+        model, info = load_model(args.ckp, args.model_arch, None)
+        spec = path_spec(args, info)
+    else:
+        spec = data_lib.get_spec(args.in_dataset)
+        model, info = load_model(args.ckp, args.model_arch, spec.name)
     args.in_dataset = spec.name
-    model, info = load_model(args.ckp, args.model_arch, spec.name)
     info['norm'] = resolve_test_norm(args.test_norm, spec, info['record'])
     id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
     if id_classes is not None:

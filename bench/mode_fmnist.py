@@ -27,8 +27,15 @@ import torch
 
 FMNIST_CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot']
 NEAR = ['fashion-mnist-heldout']
-MODELS = ['Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*']
-METHODS = ['knn', 'csd']
+MODELS = ['Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*',
+          'Base +probe', 'ALPA-finetune +probe', 'ALPA-train +probe']
+METHODS = ['knn', 'csd']   # the demo's scores (the figures draw these)
+# The full preset: the paper's ablation rows for every model, and the post-hoc baselines where
+# they apply (feature-only ones on SupCon encoders; logit ones on CE models and on the linear
+# probes of the SupCon encoders, reported as '<model> +probe').
+ABLATIONS = ['knn', 'global+center', 'local', 'csd']
+FEATURE_BASELINES = ['mahalanobis', 'ssd']
+LOGIT_BASELINES = ['msp', 'energy', 'odin', 'vim', 'react']
 
 
 # Budgets of the presets; explicit flags override them. 'demo' is the main job (bash demo.sh,
@@ -36,9 +43,9 @@ METHODS = ['knn', 'csd']
 # convergence (issue 10): whole epochs over the 36,000 ID images and the full bank.
 PRESETS = {
     'demo': dict(epochs=4, steps_per_epoch=40, finetune_epochs=2, lr=0.1, finetune_lr=0.02, train_lr=0.1,
-                 max_train=6000, ce=False),
+                 max_train=6000, ce=False, baselines=False, probe_epochs=0),
     'full': dict(epochs=10, steps_per_epoch=None, finetune_epochs=3, lr=0.1, finetune_lr=0.02, train_lr=0.1,
-                 max_train=None, ce=True),
+                 max_train=None, ce=True, baselines=True, probe_epochs=10),
 }
 
 
@@ -74,12 +81,16 @@ def get_args_parser():
                    help='exact k-NN backend; torch is ~2x faster than faiss-cpu here, same numbers (default torch)')
     p.add_argument('--figures', action='store_true', help='also draw histograms, ROC, t-SNE and k-NN grids (first seed)')
     p.add_argument('--download', action='store_true', help='let torchvision download Fashion-MNIST if missing')
+    p.add_argument('--probe-epochs', type=int, default=None,
+                   help='linear-probe epochs for the SupCon encoders (0: no probe; default: the preset\'s, full 10)')
+    p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=None,
+                   help='also the ablation rows and the post-hoc baselines (default: the preset\'s, on for full)')
     return p
 
 
 def slug(mode):
-    """A model name as a folder name: 'ALPA-finetune*' -> 'ALPA-finetune-ce'."""
-    return mode.replace('*', '-ce')
+    """A model name as a folder name: 'ALPA-finetune*' -> 'ALPA-finetune-ce', 'Base +probe' -> 'Base-probe'."""
+    return mode.replace('*', '-ce').replace(' +', '-')
 
 
 def resolve_preset(args):
@@ -127,11 +138,33 @@ def train(args, seed, mode, base_ckp=None, loss='supcon'):
     return main_supcon.main(parser.parse_args(argv))
 
 
+def probe(args, seed, mode, ckp):
+    """SupContrast's linear probe on a SupCon encoder (ALPA/main_linear.py) -> linear.pth."""
+    from ALPA import main_linear
+    argv = ['--ckp', ckp, '--dataset', 'fashion-mnist', '--data_folder', args.data_root, '--epochs',
+            str(args.probe_epochs), '--lr_decay_epochs', ','.join(str(round(args.probe_epochs * f)) for f in (.6, .75, .9)),
+            '--num_workers', str(args.num_workers), '--seed', str(seed),
+            '--save_folder', os.path.join(args.out_dir, f'seed{seed}', slug(mode), 'probe')]
+    if args.steps_per_epoch:
+        argv += ['--max_steps', str(args.steps_per_epoch)]
+    if args.device:
+        argv += ['--device', args.device]
+    return main_linear.main(main_linear.get_args_parser().parse_args(argv))
+
+
+def methods_for(args, mode):
+    if not args.baselines:
+        return METHODS
+    if mode.endswith('+probe'):
+        return LOGIT_BASELINES
+    return ABLATIONS + FEATURE_BASELINES + (LOGIT_BASELINES if mode in ('CE', 'ALPA-finetune*') else [])
+
+
 def score(args, seed, mode, ckp):
     from CSD import CSD as csd_cli
     argv = ['--in-dataset', 'fashion-mnist', '--ckp', ckp, '--name', f'seed{seed}-{slug(mode)}', '--data-root', args.data_root,
             '--cache-dir', os.path.join(args.out_dir, 'cache'), '--output-dir', os.path.join(args.out_dir, 'results'),
-            '--num-workers', str(args.num_workers), '--out-datasets', *NEAR, *args.far, '--method', *METHODS,
+            '--num-workers', str(args.num_workers), '--out-datasets', *NEAR, *args.far, '--method', *methods_for(args, mode),
             '--search', args.search]
     if args.max_train:
         argv += ['--max-train', str(args.max_train)]
@@ -168,7 +201,8 @@ def summary_rows(per_seed, far):
     """per_seed[seed][model][method][ood] = metrics -> rows of mean ± std (×100)."""
     rows = []
     for model in [m for m in MODELS if all(m in per_seed[s] for s in per_seed)]:
-        for method in METHODS:
+        methods = [m for m in per_seed[next(iter(per_seed))][model] if all(m in per_seed[s][model] for s in per_seed)]
+        for method in methods:
             cells = {}
             for group, names in (('near', NEAR), ('far', far)):
                 for metric in ('FPR', 'AUROC'):
@@ -180,12 +214,14 @@ def summary_rows(per_seed, far):
 
 def format_summary(rows, n_seeds, far):
     cols = ['near FPR', 'near AUROC', 'far FPR', 'far AUROC']
-    head = f"{'model':<14} {'score':<5} " + ' '.join(f'{c:>15}' for c in cols)
+    wm = max([14, *(len(m) for m, _, _ in rows)])
+    ws = max([5, *(len(s) for _, s, _ in rows)])
+    head = f"{'model':<{wm}} {'score':<{ws}} " + ' '.join(f'{c:>15}' for c in cols)
     lines = [f"Fashion-MNIST, ID classes 0-5, mean ± std over {n_seeds} seed(s), ×100 "
              f"(near = held-out classes 6-9; far = mean of {', '.join(far)})", head]
     md = ['| model | score | ' + ' | '.join(cols) + ' |', '|---|---|' + '---:|' * len(cols)]
     for model, method, cells in rows:
-        lines.append(f"{model:<14} {method:<5} " + ' '.join(f"{cells[c][0]:>8.2f} ± {cells[c][1]:<4.2f}" for c in cols))
+        lines.append(f"{model:<{wm}} {method:<{ws}} " + ' '.join(f"{cells[c][0]:>8.2f} ± {cells[c][1]:<4.2f}" for c in cols))
         md.append(f"| {model} | {method} | " + ' | '.join(f"{cells[c][0]:.2f} ± {cells[c][1]:.2f}" for c in cols) + ' |')
     return '\n'.join(lines), '\n'.join(md) + '\n'
 
@@ -281,6 +317,11 @@ def main(args):
                 t0 = time.perf_counter()
                 ckps[mode] = train(args, seed, mode, base_ckp=ckps.get('CE'), loss='ce')['last']
                 timings[f'seed{seed} train {mode}'] = time.perf_counter() - t0
+        if args.probe_epochs:   # linear probes of the SupCon encoders, for the logit-based baselines
+            for mode in ('Base', 'ALPA-finetune', 'ALPA-train'):
+                t0 = time.perf_counter()
+                ckps[f'{mode} +probe'] = probe(args, seed, mode, ckps[mode])['path']
+                timings[f'seed{seed} probe {mode}'] = time.perf_counter() - t0
         for mode, ckp in ckps.items():
             t0 = time.perf_counter()
             scored[mode] = score(args, seed, mode, ckp)

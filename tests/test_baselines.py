@@ -157,3 +157,89 @@ def test_k_auto_names_its_validation_data_and_keeps_it_out_of_the_table(data_roo
     with pytest.raises(UserError, match='must not be reported'):
         csd_cli.main(csd_cli.get_args_parser().parse_args(argv[:-6] + ['--out-datasets', 'SVHN', 'noise',
                                                                         '--method', 'knn', '--k', 'auto']))
+
+
+def test_in_dataset_path_scores_a_path_trained_model_on_its_own_folders(tmp_path):
+    from ALPA import main_ce
+    from tests.fixtures import find_last, write_image_folder
+    for split, n in (('train', 6), ('test', 3)):
+        for c in ('cat', 'dog'):
+            write_image_folder(str(tmp_path / split / c), n, size=36, seed=len(c) + n)
+    write_image_folder(str(tmp_path / 'other'), 5, size=40, seed=9)
+    main_ce.main(main_ce.get_args_parser().parse_args([
+        '--dataset', 'path', '--data_folder', str(tmp_path / 'train'), '--mean', '(0.5,0.5,0.5)', '--std',
+        '(0.25,0.25,0.25)', '--size', '24', '--width', '4', '--batch_size', '4', '--epochs', '1', '--num_workers', '0',
+        '--save_folder', str(tmp_path / 'save'), '--device', 'cpu', '--eval_knn', '-1']))
+    out = csd_cli.main(csd_cli.get_args_parser().parse_args([
+        '--in-dataset', 'path', '--in-test', str(tmp_path / 'test'), '--ckp', find_last(tmp_path / 'save'),
+        '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',
+        '--device', 'cpu', '--out-datasets', str(tmp_path / 'other'), '--method', 'knn', 'energy', '--k', '3']))
+    sp = out['splits']
+    assert sp['train']['features'].shape[0] == 12 and sp['test']['features'].shape[0] == 6   # its own folders
+    assert set(out['results']['energy']) == {'other'}
+    meta = json.loads(next((tmp_path / 'res' / 'path').rglob('energy.json')).read_text())['meta']
+    assert meta['test_norm'] == {'source': 'checkpoint', 'mean': [0.5] * 3, 'std': [0.25] * 3}
+
+
+def test_odin_matches_its_equation_one_input_at_a_time():
+    """x̃ = x − ε·sign(∇ₓ −log softmax(f(x)/T)_ŷ)/σ, score = max softmax(f(x̃)/T), per input."""
+    import torch
+
+    from CSD.baselines import odin_scores
+    from util.networks import build_model
+    torch.manual_seed(0)
+    model = build_model('resnet18-ce', width=4, num_classes=5).eval()
+    x = torch.randn(6, 3, 32, 32)
+    std, t, eps = (0.2, 0.3, 0.4), 1000.0, 0.0014
+    loader = [(x[:4], torch.zeros(4)), (x[4:], torch.zeros(2))]
+    got = odin_scores(model, loader, torch.device('cpu'), std, t, eps)
+    sigma = torch.tensor(std).view(3, 1, 1)
+    for i in range(6):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        logp = torch.log_softmax(model(xi)[0] / t, dim=0)
+        (-logp[logp.argmax()]).backward()
+        x_odin = x[i] - eps * torch.sign(xi.grad[0]) / sigma
+        with torch.no_grad():
+            expect = torch.softmax(model(x_odin[None])[0] / t, dim=0).max().item()
+        assert got[i] == pytest.approx(expect, rel=1e-6)
+    # ε = 0 is MSP at temperature T
+    with torch.no_grad():
+        plain = torch.softmax(model(x) / t, dim=1).max(1).values.numpy()
+    np.testing.assert_allclose(odin_scores(model, loader, torch.device('cpu'), std, t, 0.0), plain, rtol=1e-6)
+
+
+def test_cli_odin_on_a_ce_checkpoint(data_root, tmp_path):
+    from tests.test_e2e_csd import authors_checkpoint
+    authors_checkpoint(tmp_path / 'ce.pth', arch='resnet18-ce')
+    out = csd_cli.main(csd_cli.get_args_parser().parse_args([
+        '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ce.pth'), '--model-arch', 'resnet18-ce',
+        '--data-root', str(data_root), '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'),
+        '--num-workers', '0', '--device', 'cpu', '--out-datasets', 'SVHN', 'dtd', '--method', 'odin', 'msp']))
+    id_scores, ood = out['scores']['odin']
+    assert len(id_scores) == 20 and set(ood) == {'SVHN', 'dtd'} and len(ood['SVHN']) == 12
+    assert not np.allclose(id_scores, out['scores']['msp'][0])     # T and ε change the scores
+
+
+def test_our_detectors_give_pytorch_oods_scores():
+    """pytorch-ood (a well-kept library) as a second reference: its detectors return outlier
+    scores (higher = more OOD), ours ID scores, so ours = −theirs."""
+    pood = pytest.importorskip('pytorch_ood.detector')
+    import torch
+    train, (w, b) = fixed_split(11, n=90, c=8)
+    test, _ = fixed_split(12, n=30, c=8)
+    test['logits'] = test['features'][:, 4] @ w.T + b     # one classifier for both sets
+    z, zt = torch.from_numpy(test['logits']), torch.from_numpy(train['features'][:, 4])
+    np.testing.assert_allclose(BASELINES['msp']().score(test), -pood.MaxSoftmax.score(z).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(BASELINES['energy']().score(test), -pood.EnergyBased.score(z).numpy(), rtol=1e-10)
+    f32 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))
+    maha = pood.Mahalanobis(None).fit_features(f32(zt), torch.from_numpy(train['labels']))
+    # pytorch-ood keeps the Gaussian log-density's factor 1/2 and does not divide the summed outer
+    # products by N (its comment says so); Lee et al.'s empirical covariance does: the same ranking,
+    # ours = 2N x theirs.
+    n = len(train['labels'])
+    np.testing.assert_allclose(BASELINES['mahalanobis']().fit(train).score(test),
+                               2 * n * -maha.predict_features(f32(test['features'][:, 4])).double().numpy(), rtol=1e-3)
+    vim = pood.ViM(None, d=4, w=torch.from_numpy(w), b=torch.from_numpy(b)).fit_features(zt, None)
+    theirs = vim.predict_features(torch.from_numpy(test['features'][:, 4])).numpy()
+    ours = BASELINES['vim']().fit(train, (w, b)).score(test)
+    np.testing.assert_allclose(ours, -theirs, rtol=1e-4, atol=1e-4)   # theirs in float32

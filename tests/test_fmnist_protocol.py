@@ -39,12 +39,16 @@ def test_mode_fmnist_end_to_end(fmnist_root, tmp_path, capsys):
 def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, tmp_path, capsys):
     common = ['--preset', 'full', '--width', '4', '--batch-size', '8', '--epochs', '1', '--steps-per-epoch', '2',
               '--finetune-epochs', '1', '--max-train', '60', '--data-root', str(fmnist_root), '--out-dir', str(tmp_path),
-              '--device', 'cpu', '--num-workers', '0', '--far', 'digits', '--precision', 'fp32']
+              '--device', 'cpu', '--num-workers', '0', '--far', 'digits', '--precision', 'fp32', '--probe-epochs', '1']
     mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--seeds', '0', *common]))
     capsys.readouterr()
     per_seed = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--seeds', '1', *common]))
     out = capsys.readouterr().out
     assert set(per_seed) == {0, 1} and 'seed 0: results from an earlier run' in out
-    assert set(per_seed[0]) == {'Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*'}
-    summary = [line.split()[:2] for line in out.splitlines() if line.count('±') == 4]
-    assert ['CE', 'knn'] in summary and ['ALPA-finetune*', 'csd'] in summary and 'over 2 seed(s)' in out
+    assert set(per_seed[0]) == {'Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*', 'Base +probe',
+                                'ALPA-finetune +probe', 'ALPA-train +probe'}
+    summary = [line.split() for line in out.splitlines() if line.count('±') == 4]
+    rows = {(r[0], r[1]) if r[1] != '+probe' else (r[0] + ' +probe', r[2]) for r in summary}
+    assert {('CE', 'knn'), ('CE', 'energy'), ('CE', 'odin'), ('ALPA-finetune*', 'csd'), ('Base', 'global+center'),
+            ('Base', 'local'), ('Base', 'mahalanobis'), ('ALPA-train', 'ssd'), ('Base +probe', 'vim')} <= rows
+    assert 'over 2 seed(s)' in out
