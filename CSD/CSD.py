@@ -78,6 +78,10 @@ def get_args_parser():
     parser.add_argument('--search', default='faiss', choices=SEARCH_BACKENDS,
                         help='exact k-NN backend: faiss (IndexFlatL2, GPU index on CUDA) or torch (GEMM + topk); '
                              'same numbers (default faiss)')
+    parser.add_argument('--bank-chunk', type=lambda v: v if v == 'auto' else int(v), default=None,
+                        help='stream the bank through the device in chunks of this many vectors, or auto (sized from '
+                             'free memory); exact, for banks larger than memory: the cached features are '
+                             'memory-mapped (default: the whole bank in memory)')
     parser.add_argument('--search-mem', type=float, default=None,
                         help='GiB the torch search may use for one distance block (default: a quarter of free '
                              'GPU memory / available RAM, at most 1)')
@@ -88,22 +92,22 @@ def get_args_parser():
     return parser
 
 
-def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None, head=None):
+def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None, head=None, bank_chunk=None):
     """Fit ``method`` on the ID training split; -> (ID test scores, {ood: scores})."""
     if method == 'odin':   # computed with the model (odin_splits): already scores
         return splits['test']['odin'], {n: splits[n]['odin'] for n in ood_names}
     if method in BASELINES:
         scorer = BASELINES[method]().fit(splits['train'], head)
         return scorer.score(splits['test']), {n: scorer.score(splits[n]) for n in ood_names}
-    scorer = build_score(method, k, str(device), backend, mem_budget).fit(splits['train']['features'])
+    scorer = build_score(method, k, str(device), backend, mem_budget, bank_chunk).fit(splits['train']['features'])
     id_scores = scorer.score(splits['test']['features'])
     return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}
 
 
 def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False, backend='faiss', mem_budget=None,
-             head=None):
+             head=None, bank_chunk=None):
     """-> ({ood: metrics}, (ID scores, {ood: scores}))."""
-    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names, backend, mem_budget, head)
+    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names, backend, mem_budget, head, bank_chunk)
     metrics = {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
     return metrics, (id_scores, ood_scores)
 
@@ -173,6 +177,26 @@ def odin_splits(args, model, info, spec, device, splits):
                                                               args.odin_temperature, args.odin_epsilon)}
 
 
+SANITY_RATIO = 0.95
+
+
+def distance_check(id_scores, ood_scores):
+    """k-NN scores are −(k-th distance): -> (one line with the mean k-th distance of the ID test
+    set beside each OOD set's, a warning line or None). ID test images should sit much closer
+    to the bank than OOD ones; when their mean distance reaches SANITY_RATIO of the OOD sets'
+    mean, the usual cause is a wrong transform, a wrong checkpoint or random weights
+    (knn-ood issue #8), and the tables below mean little."""
+    id_d = float(-np.mean(id_scores))
+    ood_d = {n: float(-np.mean(s)) for n, s in ood_scores.items()}
+    line = f"mean k-th distance: ID test {id_d:.4f} | " + ' | '.join(f"{n} {d:.4f}" for n, d in ood_d.items())
+    ratio = id_d / max(float(np.mean(list(ood_d.values()))), 1e-12)
+    warning = None
+    if ratio >= SANITY_RATIO:
+        warning = (f"WARNING: the ID test images are as far from the bank as the OOD sets (ratio {ratio:.2f}): "
+                   f"check the checkpoint (random or broken weights?), --model-arch and --test-norm")
+    return line, warning
+
+
 def id_accuracy(splits, num_classes, device, backend):
     """-> (how, fraction) of the ID test set: the classifier when the model has one, else a
     kNN vote (k = 20, cosine weights) on global features against the training bank."""
@@ -232,13 +256,17 @@ def main(args):
         k = (default_k(method, spec.name) if k is None else k) if uses_k else None
         t0 = time.perf_counter()
         results, scores = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr, args.search,
-                                   int(args.search_mem * 2**30) if args.search_mem else None, head)
+                                   int(args.search_mem * 2**30) if args.search_mem else None, head, args.bank_chunk)
         name = f"{method.upper()} (k={k})" if uses_k else method.upper()
         title = (f"{name} | ID {spec.name} | {info['arch']} | {run_name(args)} "
                  f"| bank {splits['train']['features'].shape[0]} images | {describe_norm(info['norm'])} "
                  f"| {time.perf_counter() - t0:.1f}s")
+        header = [acc_line]
+        if uses_k:
+            line, warning = distance_check(*scores)
+            header += [line] + ([warning] if warning else [])
         print()
-        print(format_table(results, title, columns, near=near, header=[acc_line]))
+        print(format_table(results, title, columns, near=near, header=header))
         prefix = str(out_dir / (f'{method}_k{k}' if uses_k else method))
         meta = {'method': method, 'k': k, 'in_dataset': spec.name, 'arch': info['arch'], 'ckp': str(args.ckp),
                 'id_accuracy': {'how': accuracy[0], 'value': accuracy[1]}, 'near': near, 'k_selection': selection,

@@ -66,6 +66,9 @@ def add_feature_args(parser):
     parser.add_argument('--cache-dir', default='cache', help='feature cache root (default ./cache)')
     parser.add_argument('--max-train', type=int, default=None,
                         help='use a seeded random subset of this many ID training images as the bank (default all)')
+    parser.add_argument('--bank-fraction', type=float, default=None,
+                        help='use a seeded uniform random fraction of the ID training images as the bank, as Sun et '
+                             'al. (0.01 is their ImageNet setting; default all)')
     parser.add_argument('--test-norm', default=None,
                         help="test-time Normalize: paper (the authors' test pipeline: CIFAR-10's constants for "
                              "CIFAR-10 and CIFAR-100), train (the ID set's own training statistics), or MEAN,STD "
@@ -111,7 +114,8 @@ def describe_norm(norm):
 
 
 # ---------------------------------------------------------------- cache
-def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train, source=None, device='cpu'):
+def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train, source=None, device='cpu',
+              bank_fraction=None):
     """``source``: where the split's images are read from (the absolute data root, or the
     image folder itself), so the same names under another ``--data-root`` do not hit.
     ``device``: its type ('cpu', 'cuda'): features made on a GPU (other kernels, other last
@@ -120,6 +124,7 @@ def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_trai
     payload = json.dumps({'ckp': ckp_hash, 'arch': arch, 'in': in_dataset, 'split': split, 'device': device,
                           'transform': repr(transform), 'scales': SCALES, 'v': FEATURE_VERSION,
                           'id_classes': id_classes, 'max_train': max_train if split == 'train' else None,
+                          'bank_fraction': bank_fraction if split == 'train' else None,
                           'source': source, 'code': code_hash(FEATURE_CODE)},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -190,7 +195,7 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
         if spec.name == 'path' and split in ('train', 'test'):
             source = os.path.abspath(args.in_train if split == 'train' else args.in_test)
         key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source,
-                        device.type)
+                        device.type, args.bank_fraction)
         path = split_dir(args.cache_dir, spec.name, name, split_label(split), key)
         cached = None if force else load_split(path)
         if cached is not None:
@@ -231,10 +236,15 @@ def split_dataset(args, spec, split, transform, id_classes, log=print):
         if ignored:
             shown = ', '.join(os.path.basename(f) for f in ignored[:5]) + (' ...' if len(ignored) > 5 else '')
             log(f"[warn] {split}: ignored {len(ignored)} non-image files ({shown})")
-    if split == 'train' and args.max_train and args.max_train < len(dataset):
-        rng = np.random.default_rng(0)
-        keep = np.sort(rng.choice(len(dataset), args.max_train, replace=False))
-        dataset = torch.utils.data.Subset(dataset, keep.tolist())
+    if split == 'train':
+        if args.bank_fraction is not None and not 0 < args.bank_fraction <= 1:
+            raise UserError(f"--bank-fraction {args.bank_fraction}: give a fraction in (0, 1]")
+        size = min(args.max_train or len(dataset), max(1, round(args.bank_fraction * len(dataset)))
+                   if args.bank_fraction else len(dataset))
+        if size < len(dataset):
+            rng = np.random.default_rng(0)
+            keep = np.sort(rng.choice(len(dataset), size, replace=False))
+            dataset = torch.utils.data.Subset(dataset, keep.tolist())
     return dataset, keep
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from util.errors import UserError
 from util.features import SCALES, l2_normalize
-from util.knn import SEARCH_BACKENDS, ExactKNN  # noqa: F401  (SEARCH_BACKENDS: the CLI's choices)
+from util.knn import SEARCH_BACKENDS, Bank, ExactKNN  # noqa: F401  (SEARCH_BACKENDS: the CLI's choices)
 
 SCALE_SETS = {
     'knn': ('global',),
@@ -44,7 +44,7 @@ class MultiScaleKNN:
     ``scales`` picks the vectors used (names from ``util.features.SCALES``); with one scale
     this is the KNN baseline, with all six it is CSD."""
 
-    def __init__(self, scales=SCALES, k=10, device='cpu', backend='faiss', mem_budget=None):
+    def __init__(self, scales=SCALES, k=10, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
         unknown = set(scales) - set(SCALES)
         if unknown:
             raise UserError(f"unknown scales {sorted(unknown)}; known: {', '.join(SCALES)}")
@@ -54,6 +54,7 @@ class MultiScaleKNN:
         self.device = device
         self.backend = backend
         self.mem_budget = mem_budget
+        self.bank_chunk = bank_chunk
 
     def _select(self, feats):
         feats = np.asarray(feats)
@@ -62,6 +63,12 @@ class MultiScaleKNN:
         return l2_normalize(feats[:, self.idx].astype(np.float32, copy=False))  # [N, M, C]
 
     def fit(self, train_feats):
+        """``bank_chunk`` (bank rows per chunk) streams the bank through the device instead of
+        loading it whole: ``train_feats`` may then be a memory-mapped array of any size."""
+        if self.bank_chunk:
+            self.search = ExactKNN(Bank(train_feats, self.idx), self.device, mem_budget=self.mem_budget,
+                                   k_max=self.k, bank_chunk=self.bank_chunk)
+            return self
         bank = self._select(train_feats)
         self.search = ExactKNN(bank.reshape(-1, bank.shape[-1]), self.device, backend=self.backend,
                                mem_budget=self.mem_budget, k_max=self.k)  # [N·M, C]
@@ -79,24 +86,34 @@ class MultiScaleKNN:
         return scores
 
 
-def build_score(method, k=None, device='cpu', backend='faiss', mem_budget=None):
+def build_score(method, k=None, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
     """Name -> fitted-later score object: ``knn``, ``csd``, ``local``, ``global+center``."""
     if method not in SCALE_SETS:
         raise UserError(f"unknown --method {method!r}; known: {', '.join(SCALE_SETS)}")
     return MultiScaleKNN(SCALE_SETS[method], k=k or DEFAULT_K[method], device=device, backend=backend,
-                         mem_budget=mem_budget)
+                         mem_budget=mem_budget, bank_chunk=bank_chunk)
 
 
-def knn_scores(bank, queries, k, device='cpu', backend='faiss', mem_budget=None):
-    """bank [N, D], queries [Q, D] -> [Q] scores −d_k (higher = more ID). Inputs normalised here."""
+def knn_scores(bank, queries, k, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
+    """bank [N, D], queries [Q, D] -> [Q] scores −d_k (higher = more ID). Inputs normalised here.
+    ``bank_chunk``: stream the bank (e.g. a memory-mapped array) in chunks of that many rows."""
+    if bank_chunk:
+        search = ExactKNN(Bank(bank[:, None], [0]), device, mem_budget=mem_budget, k_max=k, bank_chunk=bank_chunk)
+        return -search.kth_distance(l2_normalize(queries), k)
     search = ExactKNN(l2_normalize(bank), device, backend=backend, mem_budget=mem_budget, k_max=k)
     return -search.kth_distance(l2_normalize(queries), k)
 
 
-def csd_scores(bank, queries, k, device='cpu', backend='faiss', mem_budget=None):
+def csd_scores(bank, queries, k, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
     """bank [N, M, D], queries [Q, M, D] -> [Q] scores max_s(−d_{k,s}), where the bank pools
-    all N·M vectors. Inputs normalised here."""
-    bank, queries = l2_normalize(bank), l2_normalize(queries)
+    all N·M vectors. Inputs normalised here. ``bank_chunk``: stream the bank (e.g. a
+    memory-mapped array) in chunks of that many rows."""
+    queries = l2_normalize(queries)
     n, m, d = queries.shape
+    if bank_chunk:
+        search = ExactKNN(Bank(bank, range(bank.shape[1])), device, mem_budget=mem_budget, k_max=k,
+                          bank_chunk=bank_chunk)
+        return (-search.kth_distance(queries.reshape(-1, d), k).reshape(n, m)).max(axis=1)
+    bank = l2_normalize(bank)
     search = ExactKNN(bank.reshape(-1, bank.shape[-1]), device, backend=backend, mem_budget=mem_budget, k_max=k)
     return (-search.kth_distance(queries.reshape(-1, d), k).reshape(n, m)).max(axis=1)

@@ -48,6 +48,25 @@ def default_search_budget(device):
     return max(16 << 20, min(1 << 30, available_memory_bytes(device) // 4))
 
 
+class Bank:
+    """A k-NN bank read chunk by chunk: ``features`` [N, M_all, C] (any array-like, e.g. a
+    memory-mapped ``.npy``) restricted to the scale indices ``scales`` and L2-normalised per
+    chunk, so the whole normalised bank never has to exist in memory. Row ``i·M + m`` of the
+    bank is scale ``scales[m]`` of image ``i``, the layout of the in-memory search."""
+
+    def __init__(self, features, scales):
+        self.features, self.scales = features, list(scales)
+        self.images, self.per_image, self.dim = features.shape[0], len(self.scales), features.shape[-1]
+        self.n = self.images * self.per_image
+
+    def rows(self, start, stop):
+        """Bank rows [start, stop) as a normalised float32 array; start/stop multiples of M."""
+        from util.features import l2_normalize
+        chunk = np.asarray(self.features[start // self.per_image:stop // self.per_image])
+        chunk = chunk if self.scales == list(range(chunk.shape[1])) else chunk[:, self.scales]
+        return l2_normalize(chunk.reshape(-1, self.dim))
+
+
 class ExactKNN:
     """Exact squared-L2 k-th neighbour distance against a fixed bank.
 
@@ -56,14 +75,26 @@ class ExactKNN:
     preallocated ``[rows, N]`` fp32 buffer fits the budget; each block is built in place
     (``addmm`` of −2·q·bᵀ onto ‖b‖², then += ‖q‖²) and reduced with ``topk``."""
 
-    def __init__(self, bank, device='cpu', query_chunk=16384, backend='faiss', mem_budget=None, k_max=None):
+    def __init__(self, bank, device='cpu', query_chunk=16384, backend='faiss', mem_budget=None, k_max=None,
+                 bank_chunk=None):
         if backend not in SEARCH_BACKENDS:
             raise UserError(f"unknown --search {backend!r}; known: {', '.join(SEARCH_BACKENDS)}")
-        bank = np.ascontiguousarray(bank, dtype=np.float32)  # [N, D]
-        self.n, self.dim = bank.shape
         self.device = torch.device(device)
         self.query_chunk = query_chunk
         self.mem_budget = mem_budget
+        if isinstance(bank, Bank):
+            # Streamed: the bank stays where it is (RAM or a memory-mapped file) and goes through
+            # the device chunk by chunk, each query block keeping a running top-k.
+            self.backend, self.stream, self.n, self.dim = 'torch-stream', bank, bank.n, bank.dim
+            budget = self.mem_budget or default_search_budget(self.device)
+            per_image = bank.per_image
+            # 'auto': a quarter of the budget per chunk (its normalised copy and the read-out
+            # take about twice that), half for the distance block.
+            chunk = bank_chunk if isinstance(bank_chunk, int) else max(per_image, (budget // 4) // (4 * bank.dim))
+            self.bank_chunk = max(per_image, chunk // per_image * per_image)   # whole images per chunk
+            return
+        bank = np.ascontiguousarray(bank, dtype=np.float32)  # [N, D]
+        self.n, self.dim = bank.shape
         use_torch = backend == 'torch' or (self.device.type == 'cuda' and not _faiss_gpu_available())
         if self.device.type == 'cuda' and k_max is not None and k_max > FAISS_GPU_MAX_K:
             use_torch = True  # faiss-gpu raises for k > 2048
@@ -104,7 +135,12 @@ class ExactKNN:
             starts = progress(starts, desc=f'k-NN search ({len(queries)} queries x {self.n} bank)')
         for s in starts:
             q = queries[s:s + self.query_chunk]
-            d, i = self._torch_search(q, k, need_indices) if self.backend == 'torch' else self.index.search(q, k)
+            if self.backend == 'torch-stream':
+                d, i = self._streamed_search(q, k)
+            elif self.backend == 'torch':
+                d, i = self._torch_search(q, k, need_indices)
+            else:
+                d, i = self.index.search(q, k)
             dist[s:s + len(q)] = d
             if need_indices:
                 idx[s:s + len(q)] = i
@@ -115,6 +151,31 @@ class ExactKNN:
         topk's [rows, k] values and indices."""
         budget = self.mem_budget or default_search_budget(self.device)
         return int(max(1, min(self.query_chunk, budget // (4 * self.n + 12 * k))))
+
+    def _streamed_search(self, q, k):
+        """Exact top-k over the streamed bank: per bank chunk, the block of distances and its
+        top-k (in place, as ``_torch_search``), merged into the running top-k of each query."""
+        budget = self.mem_budget or default_search_budget(self.device)
+        rows = int(max(1, min(len(q), (budget // 2) // (4 * self.bank_chunk + 12 * k))))
+        best_d = torch.full((len(q), k), float('inf'), device=self.device)
+        best_i = torch.zeros((len(q), k), dtype=torch.long, device=self.device)
+        queries = torch.from_numpy(q).to(self.device)
+        q_sq = (queries * queries).sum(1, keepdim=True)
+        for start in range(0, self.n, self.bank_chunk):
+            stop = min(self.n, start + self.bank_chunk)
+            bank = torch.from_numpy(self.stream.rows(start, stop)).to(self.device)   # [chunk, D]
+            bank_sq = (bank * bank).sum(1)
+            kk = min(k, stop - start)
+            for s in range(0, len(q), rows):
+                block = torch.addmm(bank_sq[None], queries[s:s + rows], bank.T, beta=1.0, alpha=-2.0)
+                block.add_(q_sq[s:s + rows])
+                top = block.topk(kk, dim=1, largest=False)
+                merged_d = torch.cat([best_d[s:s + rows], top.values], 1)
+                merged_i = torch.cat([best_i[s:s + rows], top.indices + start], 1)
+                keep = merged_d.topk(k, dim=1, largest=False)
+                best_d[s:s + rows] = keep.values
+                best_i[s:s + rows] = merged_i.gather(1, keep.indices)
+        return best_d.cpu().numpy(), best_i.cpu().numpy()
 
     def _torch_search(self, q, k, need_indices):
         rows = self.block_rows(k)
