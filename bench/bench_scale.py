@@ -68,6 +68,8 @@ def main():
     p.add_argument('--k', type=int, default=10, help='CSD k (default 10)')
     p.add_argument('--bank-chunk', type=int, default=None, help='vectors per chunk (default: from free memory)')
     p.add_argument('--check-images', type=int, default=20_000, help='bank images of the in-memory check (default 20000)')
+    p.add_argument('--compare', type=int, default=0,
+                   help='also time in-memory vs streamed search on the first N bank images, alternating twice (default 0)')
     args = p.parse_args()
     import torch
 
@@ -101,6 +103,14 @@ def main():
           f"{torch.get_num_threads()} threads: {elapsed:.1f} s, {args.queries * 6 / elapsed:,.0f} queries/s, "
           f"peak anonymous memory above baseline {peak:.2f} GiB; check vs in-memory on {sub * 6:,} vectors: max |diff| {err:.2e}")
     assert err < 1e-4 and np.isfinite(scores).all()
+    if args.compare:
+        part = np.asarray(bank[:args.compare]).copy()
+        for _ in range(2):
+            for name, kw, b in (('in-memory', {}, part), ('streamed', {'bank_chunk': 'auto'}, bank[:args.compare])):
+                t0 = time.perf_counter()
+                build_score('csd', args.k, backend='torch', **kw).fit(b).score(q)
+                print(f"{args.compare * 6:,}-vector bank, {args.queries * 6:,} queries, {name}: "
+                      f"{time.perf_counter() - t0:.2f} s")
 
 
 if __name__ == '__main__':
