@@ -9,53 +9,31 @@ FPR (FPR95, ID positive) AUROC AUIN, ×100; it is also written as CSV, JSON and 
 under ``--output-dir/<in-dataset>/<name>/``.
 """
 import argparse
+import importlib
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-if __package__:   # imported as the package module CSD.CSD (tests, bench/mode_fmnist.py, python -m)
-    from CSD.baselines import BASELINES, odin_scores
-    from CSD.feature_collect import (
-        add_feature_args,
-        default_ood,
-        describe_norm,
-        get_splits,
-        make_loader,
-        prepare,
-        run_name,
-        split_dataset,
-        split_label,
-    )
-    from CSD.scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k
-else:
-    # `python CSD/CSD.py`: Python puts CSD/ first on the path, where this very file would
-    # shadow the CSD package (`import CSD.scoring` would find CSD.py). Its neighbours import
-    # by their own names instead; they import only util.*, so nothing is loaded twice.
-    from baselines import BASELINES, odin_scores
-    from feature_collect import (
-        add_feature_args,
-        default_ood,
-        describe_norm,
-        get_splits,
-        make_loader,
-        prepare,
-        run_name,
-        split_dataset,
-        split_label,
-    )
-    from scoring import SCALE_SETS, SEARCH_BACKENDS, build_score, default_k
 from util.errors import UserError, run_cli
 from util.knn import knn_accuracy
 from util.metrics import TABLE_COLUMNS, cal_metric, format_table, openood_rows, write_openood_csv, write_results
 
-METHODS = list(SCALE_SETS) + list(BASELINES) + ['odin']
+# `python CSD/CSD.py` puts CSD/ first on the path, where this very file would shadow the CSD
+# package (`import CSD.scoring` would find CSD.py): run as a script, the modules beside it are
+# imported by their own names (they import only util.*, so nothing is loaded twice).
+_PACKAGE = 'CSD.' if __package__ else ''
+baselines = importlib.import_module(_PACKAGE + 'baselines')
+feature_collect = importlib.import_module(_PACKAGE + 'feature_collect')
+scoring = importlib.import_module(_PACKAGE + 'scoring')
+
+METHODS = list(scoring.SCALE_SETS) + list(baselines.BASELINES) + ['odin']
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MODE test-time OOD detection (KNN / CSD)', add_help=True)
-    add_feature_args(parser)
+    feature_collect.add_feature_args(parser)
     parser.add_argument('--method', nargs='+', default=['knn', 'csd'], choices=METHODS,
                         help='scores to report: k-NN scores knn csd local global+center; post-hoc baselines msp '
                              'energy mahalanobis vim react ssd odin (CSD/baselines.py; logit-based ones need a CE or '
@@ -75,7 +53,7 @@ def get_args_parser():
     parser.add_argument('--k-val-ood', default='noise',
                         help="with --k auto: the validation OOD set, never reported (default noise: the authors' "
                              "Gaussian inputs, generated)")
-    parser.add_argument('--search', default='faiss', choices=SEARCH_BACKENDS,
+    parser.add_argument('--search', default='faiss', choices=scoring.SEARCH_BACKENDS,
                         help='exact k-NN backend: faiss (IndexFlatL2, GPU index on CUDA) or torch (GEMM + topk); '
                              'same numbers (default faiss)')
     parser.add_argument('--bank-chunk', type=lambda v: v if v == 'auto' else int(v), default=None,
@@ -96,10 +74,10 @@ def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budg
     """Fit ``method`` on the ID training split; -> (ID test scores, {ood: scores})."""
     if method == 'odin':   # computed with the model (odin_splits): already scores
         return splits['test']['odin'], {n: splits[n]['odin'] for n in ood_names}
-    if method in BASELINES:
-        scorer = BASELINES[method]().fit(splits['train'], head)
+    if method in baselines.BASELINES:
+        scorer = baselines.BASELINES[method]().fit(splits['train'], head)
         return scorer.score(splits['test']), {n: scorer.score(splits[n]) for n in ood_names}
-    scorer = build_score(method, k, str(device), backend, mem_budget, bank_chunk).fit(splits['train']['features'])
+    scorer = scoring.build_score(method, k, str(device), backend, mem_budget, bank_chunk).fit(splits['train']['features'])
     id_scores = scorer.score(splits['test']['features'])
     return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}
 
@@ -149,7 +127,7 @@ def choose_k(validation, method, device, backend):
     """The k of ``K_GRID`` (up to the bank size) with the best validation AUROC; ties -> the smaller k."""
     results = {}
     for k in K_GRID:
-        scorer = build_score(method, k, str(device), backend)
+        scorer = scoring.build_score(method, k, str(device), backend)
         try:
             scorer.fit(validation['train']['features'])
             id_s, ood_s = scorer.score(validation['val_id']['features']), scorer.score(validation['val_ood']['features'])
@@ -169,12 +147,13 @@ def odin_splits(args, model, info, spec, device, splits):
     mean, std, _ = info['norm']
     transform = data_lib.test_transform(spec, mean, std)
     id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
-    names = args.out_datasets if args.out_datasets is not None else default_ood(spec.name, id_classes)
+    names = args.out_datasets if args.out_datasets is not None else feature_collect.default_ood(spec.name, id_classes)
     for name in ['test', *names]:
-        dataset, _ = split_dataset(args, spec, name, transform, id_classes)
-        label = split_label(name)
-        splits[label] = {**splits[label], 'odin': odin_scores(model, make_loader(args, dataset, device), device, std,
-                                                              args.odin_temperature, args.odin_epsilon)}
+        dataset, _ = feature_collect.split_dataset(args, spec, name, transform, id_classes)
+        label = feature_collect.split_label(name)
+        loader = feature_collect.make_loader(args, dataset, device)
+        scores = baselines.odin_scores(model, loader, device, std, args.odin_temperature, args.odin_epsilon)
+        splits[label] = {**splits[label], 'odin': scores}
 
 
 SANITY_RATIO = 0.95
@@ -216,15 +195,15 @@ def main(args):
     if len(ks) != len(methods):
         raise UserError(f"--k takes one value or one per --method ({len(methods)}), got {len(ks)}")
     auto = 'auto' in ks
-    device, spec, model, info = prepare(args)
+    device, spec, model, info = feature_collect.prepare(args)
     if auto:
-        reported = args.out_datasets if args.out_datasets is not None else default_ood(spec.name, args.id_classes or
-                                                                                   info['record'].get('id_classes'))
+        id_classes = args.id_classes or info['record'].get('id_classes')
+        reported = args.out_datasets if args.out_datasets is not None else feature_collect.default_ood(spec.name, id_classes)
         if args.k_val_ood in reported:
             raise UserError(f"--k-val-ood {args.k_val_ood} is also in --out-datasets: the validation set of --k auto "
                             f"must not be reported")
         args.out_datasets = [*reported, args.k_val_ood]
-    splits = get_splits(args, model, info, spec, device)
+    splits = feature_collect.get_splits(args, model, info, spec, device)
     if 'odin' in methods:
         odin_splits(args, model, info, spec, device, splits)
     validation = hold_out_validation(splits, args.k_val_ood) if auto else None
@@ -242,24 +221,24 @@ def main(args):
     if unknown:
         raise UserError(f"--near {' '.join(unknown)}: not among the OOD rows ({', '.join(ood_names)})")
     columns = TABLE_COLUMNS + (('AUOUT',) if args.auout else ()) + (('FPR_OODpos',) if args.ood_positive_fpr else ())
-    out_dir = Path(args.output_dir) / spec.name / run_name(args)
+    out_dir = Path(args.output_dir) / spec.name / feature_collect.run_name(args)
     accuracy = id_accuracy(splits, spec.num_classes, device, args.search)
     acc_line = f"ID accuracy ({accuracy[0]}): {100 * accuracy[1]:.2f}%"
     all_results, all_scores = {}, {}
     for method, k in zip(methods, ks):
-        uses_k = method in SCALE_SETS
+        uses_k = method in scoring.SCALE_SETS
         selection = None
         if uses_k and k == 'auto':
             k, selection = choose_k(validation, method, device, args.search)
             print(f"\n--k auto for {method}: k = {k}, the best AUROC on validation data the table does not use "
                   f"({selection['val_id']} held-out ID test images vs {selection['val_ood']}, never reported)")
-        k = (default_k(method, spec.name) if k is None else k) if uses_k else None
+        k = (scoring.default_k(method, spec.name) if k is None else k) if uses_k else None
         t0 = time.perf_counter()
         results, scores = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr, args.search,
                                    int(args.search_mem * 2**30) if args.search_mem else None, head, args.bank_chunk)
         name = f"{method.upper()} (k={k})" if uses_k else method.upper()
-        title = (f"{name} | ID {spec.name} | {info['arch']} | {run_name(args)} "
-                 f"| bank {splits['train']['features'].shape[0]} images | {describe_norm(info['norm'])} "
+        title = (f"{name} | ID {spec.name} | {info['arch']} | {feature_collect.run_name(args)} "
+                 f"| bank {splits['train']['features'].shape[0]} images | {feature_collect.describe_norm(info['norm'])} "
                  f"| {time.perf_counter() - t0:.1f}s")
         header = [acc_line]
         if uses_k:
