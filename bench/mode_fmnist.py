@@ -78,7 +78,7 @@ def get_args_parser():
     p.add_argument('--far', nargs='+', default=['digits', 'gaussian', 'uniform'],
                    help='far-OOD sets (default digits gaussian uniform)')
     p.add_argument('--search', default='torch', choices=['faiss', 'torch'],
-                   help='exact k-NN backend; torch is ~2x faster than faiss-cpu here, same numbers (default torch)')
+                   help='exact k-NN backend; torch is 2-4x faster than faiss-cpu here, same numbers (default torch)')
     p.add_argument('--figures', action='store_true', help='also draw histograms, ROC, t-SNE and k-NN grids (first seed)')
     p.add_argument('--download', action='store_true', help='let torchvision download Fashion-MNIST if missing')
     p.add_argument('--probe-epochs', type=int, default=None,

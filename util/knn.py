@@ -4,7 +4,7 @@ accuracy at the end of training, the benchmarks and the figures all call ``Exact
 Squared L2 distances, exact, with one of two backends (same arithmetic, tested equal):
 ``faiss`` (``IndexFlatL2``; a faiss GPU index on CUDA when faiss has GPU support, else the
 torch backend on the GPU) and ``torch`` (one preallocated distance block + ``topk``; on
-these 2-core CPUs about 2× faster than faiss-cpu's flat search, bench/bench_csd.py).
+these 2-core CPUs 2–4× faster than faiss-cpu's flat search, bench/bench_csd.py).
 """
 import numpy as np
 import torch

@@ -50,7 +50,7 @@ def pick_device(name=None, log=None):
                 device = torch.device('cuda', torch.cuda.current_device())
             if device.index >= torch.cuda.device_count():
                 raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible "
-                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+                                f"(device indices 0 to {torch.cuda.device_count() - 1})")
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     return device
