@@ -25,26 +25,39 @@ from util.errors import UserError
 
 
 # --------------------------------------------------------------------------- generated sets
-class NoiseDataset(Dataset):
-    """``n`` synthetic images of ``size x size x channels``: 'gaussian' N(mean 0.5, std 0.25)
-    or 'uniform' U[0,1] per pixel, clipped to [0,1], stored as uint8 (round(x*255)).
+class _GeneratedSet(Dataset):
+    """``n`` seeded items of a generated OOD set (labels -1); item i depends only on (seed, i)."""
+    KINDS = ()
 
-    Image i is drawn from ``numpy.random.default_rng([seed, i])``: the same for a seed in
-    any order, in any DataLoader worker, without holding 10,000 ImageNet-sized images in memory."""
-
-    def __init__(self, kind, n, size, channels, seed=0, transform=None, name=None):
-        assert kind in ('gaussian', 'uniform')
+    def __init__(self, kind, n, size, channels, seed=0, name=None):
+        assert kind in self.KINDS
         self.kind, self.n, self.size, self.channels, self.seed = kind, n, size, channels, seed
-        self.transform = transform
         self.name = name or kind
         self.targets = np.full(n, -1, dtype=np.int64)
 
     def __len__(self):
         return self.n
 
-    def image_array(self, index):
+    def _check(self, index):
         if not 0 <= index < self.n:
             raise IndexError(index)
+
+
+class NoiseDataset(_GeneratedSet):
+    """``n`` synthetic images of ``size x size x channels``: 'gaussian' N(mean 0.5, std 0.25)
+    or 'uniform' U[0,1] per pixel, clipped to [0,1], stored as uint8 (round(x*255)).
+
+    Image i is drawn from ``numpy.random.default_rng([seed, i])``: the same for a seed in
+    any order, in any DataLoader worker, without holding 10,000 ImageNet-sized images in memory."""
+
+    KINDS = ('gaussian', 'uniform')
+
+    def __init__(self, kind, n, size, channels, seed=0, transform=None, name=None):
+        _GeneratedSet.__init__(self, kind, n, size, channels, seed, name)
+        self.transform = transform
+
+    def image_array(self, index):
+        self._check(index)
         rng = np.random.default_rng([self.seed, index])
         shape = (self.size, self.size, self.channels) if self.channels > 1 else (self.size, self.size)
         x = rng.normal(0.5, 0.25, shape) if self.kind == 'gaussian' else rng.uniform(0.0, 1.0, shape)
@@ -57,7 +70,7 @@ class NoiseDataset(Dataset):
         return img, -1
 
 
-class RandomInputDataset(Dataset):
+class RandomInputDataset(_GeneratedSet):
     """The authors' ``noise`` and ``lfnoise`` OOD sets (``ylib.dataloader.random_data``):
     ``n`` network inputs ``[channels, size, size]`` (float32) fed to the model *as they
     are* -- no image, no transform, no normalisation, as in the authors' loader.
@@ -75,17 +88,10 @@ class RandomInputDataset(Dataset):
     KINDS = ('noise', 'lfnoise')
 
     def __init__(self, kind, n, size, channels, seed=0, name=None):
-        assert kind in self.KINDS
-        self.kind, self.n, self.size, self.channels, self.seed = kind, n, size, channels, seed
-        self.name = name or kind
-        self.targets = np.full(n, -1, dtype=np.int64)
-
-    def __len__(self):
-        return self.n
+        _GeneratedSet.__init__(self, kind, n, size, channels, seed, name)
 
     def input_array(self, index):
-        if not 0 <= index < self.n:
-            raise IndexError(index)
+        self._check(index)
         x = np.random.default_rng([self.seed, index]).standard_normal((self.channels, self.size, self.size))
         if self.kind == 'lfnoise':
             from scipy.fft import idct
