@@ -45,7 +45,7 @@ PRESETS = {
     'demo': dict(epochs=4, steps_per_epoch=40, finetune_epochs=2, lr=0.1, finetune_lr=0.02, train_lr=0.1,
                  max_train=6000, ce=False, baselines=False, probe_epochs=0),
     'full': dict(epochs=10, steps_per_epoch=None, finetune_epochs=3, lr=0.1, finetune_lr=0.02, train_lr=0.1,
-                 max_train=None, ce=True, baselines=True, probe_epochs=10),
+                 max_train=None, ce=True, baselines=True, probe_epochs=5),
 }
 
 
@@ -82,7 +82,7 @@ def get_args_parser():
     p.add_argument('--figures', action='store_true', help='also draw histograms, ROC, t-SNE and k-NN grids (first seed)')
     p.add_argument('--download', action='store_true', help='let torchvision download Fashion-MNIST if missing')
     p.add_argument('--probe-epochs', type=int, default=None,
-                   help='linear-probe epochs for the SupCon encoders (0: no probe; default: the preset\'s, full 10)')
+                   help='linear-probe epochs for the SupCon encoders (0: no probe; default: the preset\'s, full 5)')
     p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=None,
                    help='also the ablation rows and the post-hoc baselines (default: the preset\'s, on for full)')
     return p
