@@ -53,9 +53,18 @@ def get_args_parser():
     parser.add_argument('--k-val-ood', default='noise',
                         help="with --k auto: the validation OOD set, never reported (default noise: the authors' "
                              "Gaussian inputs, generated)")
-    parser.add_argument('--search', default='faiss', choices=scoring.SEARCH_BACKENDS,
-                        help='exact k-NN backend: faiss (IndexFlatL2, GPU index on CUDA) or torch (GEMM + topk); '
-                             'same numbers (default faiss)')
+    parser.add_argument('--search', default='faiss', choices=scoring.SEARCH_BACKENDS + scoring.APPROX_BACKENDS,
+                        help='k-NN search: exact faiss (IndexFlatL2, GPU index on CUDA) or torch (GEMM + topk), '
+                             'same numbers; or approximate ivf (faiss IndexIVFFlat) / hnsw (IndexHNSWFlat), which '
+                             'print their recall@k and the FPR/AUROC change against exact search on a sample '
+                             '(default faiss)')
+    parser.add_argument('--ivf-nlist', type=int, default=None, help='--search ivf: inverted lists (default 4·√N)')
+    parser.add_argument('--ivf-nprobe', type=int, default=32, help='--search ivf: lists searched per query (default 32)')
+    parser.add_argument('--hnsw-m', type=int, default=32, help='--search hnsw: links per node (default 32)')
+    parser.add_argument('--hnsw-ef', type=int, default=128, help='--search hnsw: efSearch, at least k (default 128)')
+    parser.add_argument('--approx-check', type=int, default=1000,
+                        help='--search ivf/hnsw: images per set (ID test and each OOD set) searched exactly too, for '
+                             'the recall@k and ΔFPR/ΔAUROC line (0: no check; default 1000)')
     parser.add_argument('--bank-chunk', type=lambda v: v if v == 'auto' else int(v), default=None,
                         help='stream the bank through the device in chunks of this many vectors, or auto (sized from '
                              'free memory); exact, for banks larger than memory: the cached features are '
@@ -70,24 +79,59 @@ def get_args_parser():
     return parser
 
 
-def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None, head=None, bank_chunk=None):
-    """Fit ``method`` on the ID training split; -> (ID test scores, {ood: scores})."""
+def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None, head=None, bank_chunk=None,
+                 approx=None):
+    """Fit ``method`` on the ID training split; -> (ID test scores, {ood: scores}, the fitted scorer or None)."""
     if method == 'odin':   # computed with the model (odin_splits): already scores
-        return splits['test']['odin'], {n: splits[n]['odin'] for n in ood_names}
+        return splits['test']['odin'], {n: splits[n]['odin'] for n in ood_names}, None
     if method in baselines.BASELINES:
         scorer = baselines.BASELINES[method]().fit(splits['train'], head)
-        return scorer.score(splits['test']), {n: scorer.score(splits[n]) for n in ood_names}
-    scorer = scoring.build_score(method, k, str(device), backend, mem_budget, bank_chunk).fit(splits['train']['features'])
+        return scorer.score(splits['test']), {n: scorer.score(splits[n]) for n in ood_names}, scorer
+    scorer = scoring.build_score(method, k, str(device), backend, mem_budget, bank_chunk, approx).fit(
+        splits['train']['features'])
     id_scores = scorer.score(splits['test']['features'])
-    return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}
+    return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}, scorer
 
 
 def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False, backend='faiss', mem_budget=None,
-             head=None, bank_chunk=None):
-    """-> ({ood: metrics}, (ID scores, {ood: scores}))."""
-    id_scores, ood_scores = score_splits(splits, method, k, device, ood_names, backend, mem_budget, head, bank_chunk)
+             head=None, bank_chunk=None, approx=None):
+    """-> ({ood: metrics}, (ID scores, {ood: scores}), the fitted scorer or None)."""
+    id_scores, ood_scores, scorer = score_splits(splits, method, k, device, ood_names, backend, mem_budget, head,
+                                                 bank_chunk, approx)
     metrics = {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
-    return metrics, (id_scores, ood_scores)
+    return metrics, (id_scores, ood_scores), scorer
+
+
+def approximation_check(splits, method, scorer, scores, ood_names, device, sample, mem_budget=None):
+    """--search ivf/hnsw: on a seeded sample of ``sample`` images of the ID test set and of each
+    OOD set, the exact search (streamed, memory-bounded) beside the approximate one ->
+    (one line: recall@k of the sample's vectors and, per OOD set, the FPR/AUROC change the
+    approximation caused on that sample; a dict of the same numbers)."""
+    rng = np.random.default_rng(0)
+    exact = scoring.build_score(method, scorer.k, str(device), 'torch', mem_budget, 'auto').fit(
+        splits['train']['features'])
+    picks, hits, total = {}, 0, 0
+    for name in ['test', *ood_names]:
+        n = len(splits[name]['features'])
+        picks[name] = np.sort(rng.choice(n, min(sample, n), replace=False))
+        q = scorer._select(np.asarray(splits[name]['features'])[picks[name]])
+        q = q.reshape(-1, q.shape[-1])
+        _, ia = scorer.search.search(q, scorer.k)
+        _, ie = exact.search.search(q, scorer.k)
+        hits += sum(len(np.intersect1d(a, e)) for a, e in zip(ia, ie))
+        total += ie.size
+    exact_scores = {n: exact.score(np.asarray(splits[n]['features'])[picks[n]]) for n in picks}
+    approx_scores = {'test': scores[0][picks['test']], **{n: scores[1][n][picks[n]] for n in ood_names}}
+    delta = {}
+    for name in ood_names:
+        e = cal_metric(exact_scores['test'], exact_scores[name])
+        a = cal_metric(approx_scores['test'], approx_scores[name])
+        delta[name] = {'FPR': 100 * (a['FPR'] - e['FPR']), 'AUROC': 100 * (a['AUROC'] - e['AUROC'])}
+    recall = hits / max(total, 1)
+    line = (f"{scorer.search.describe}: recall@{scorer.k} {recall:.4f} against exact search on "
+            f"{len(picks['test'])} ID test + up to {sample} images per OOD set; on that sample the approximation "
+            f"moved " + ', '.join(f"{n} FPR {d['FPR']:+.2f} AUROC {d['AUROC']:+.2f}" for n, d in delta.items()))
+    return line, {'describe': scorer.search.describe, 'recall': recall, 'sample': sample, 'delta': delta}
 
 
 K_GRID = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -222,33 +266,43 @@ def main(args):
         raise UserError(f"--near {' '.join(unknown)}: not among the OOD rows ({', '.join(ood_names)})")
     columns = TABLE_COLUMNS + (('AUOUT',) if args.auout else ()) + (('FPR_OODpos',) if args.ood_positive_fpr else ())
     out_dir = Path(args.output_dir) / spec.name / feature_collect.run_name(args)
-    accuracy = id_accuracy(splits, spec.num_classes, device, args.search)
+    exact_backend = args.search if args.search in scoring.SEARCH_BACKENDS else 'torch'   # ID accuracy, --k auto
+    accuracy = id_accuracy(splits, spec.num_classes, device, exact_backend)
     acc_line = f"ID accuracy ({accuracy[0]}): {100 * accuracy[1]:.2f}%"
     all_results, all_scores = {}, {}
     for method, k in zip(methods, ks):
         uses_k = method in scoring.SCALE_SETS
         selection = None
         if uses_k and k == 'auto':
-            k, selection = choose_k(validation, method, device, args.search)
+            k, selection = choose_k(validation, method, device, exact_backend)
             print(f"\n--k auto for {method}: k = {k}, the best AUROC on validation data the table does not use "
                   f"({selection['val_id']} held-out ID test images vs {selection['val_ood']}, never reported)")
         k = (scoring.default_k(method, spec.name) if k is None else k) if uses_k else None
         t0 = time.perf_counter()
-        results, scores = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr, args.search,
-                                   int(args.search_mem * 2**30) if args.search_mem else None, head, args.bank_chunk)
+        mem = int(args.search_mem * 2**30) if args.search_mem else None
+        approx = ({'nlist': args.ivf_nlist, 'nprobe': args.ivf_nprobe} if args.search == 'ivf' else
+                  {'m': args.hnsw_m, 'ef_search': args.hnsw_ef} if args.search == 'hnsw' else None)
+        results, scores, scorer = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr, args.search,
+                                           mem, head, args.bank_chunk, approx if uses_k else None)
         name = f"{method.upper()} (k={k})" if uses_k else method.upper()
         title = (f"{name} | ID {spec.name} | {info['arch']} | {feature_collect.run_name(args)} "
                  f"| bank {splits['train']['features'].shape[0]} images | {feature_collect.describe_norm(info['norm'])} "
                  f"| {time.perf_counter() - t0:.1f}s")
         header = [acc_line]
+        approx_check = None
         if uses_k:
             line, warning = distance_check(*scores)
             header += [line] + ([warning] if warning else [])
+            if args.search in scoring.APPROX_BACKENDS and args.approx_check > 0:
+                check_line, approx_check = approximation_check(splits, method, scorer, scores, ood_names, device,
+                                                               args.approx_check, mem)
+                header.append(check_line)
         print()
         print(format_table(results, title, columns, near=near, header=header))
         prefix = str(out_dir / (f'{method}_k{k}' if uses_k else method))
         meta = {'method': method, 'k': k, 'in_dataset': spec.name, 'arch': info['arch'], 'ckp': str(args.ckp),
                 'id_accuracy': {'how': accuracy[0], 'value': accuracy[1]}, 'near': near, 'k_selection': selection,
+                'search': args.search, 'approximation': approx_check,
                 'test_norm': {'source': info['norm'][2], 'mean': list(info['norm'][0]), 'std': list(info['norm'][1])},
                 'n_train': int(splits['train']['meta']['n']), 'n_test': int(splits['test']['meta']['n']),
                 'n_ood': {n: int(splits[n]['meta']['n']) for n in ood_names}}

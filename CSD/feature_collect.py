@@ -4,32 +4,38 @@
         --model-arch resnet18-supcon --ckp path/to/last.pth --out-datasets SVHN dtd
 
 One forward pass per split; the vectors (PAPER §2 order: q00 q01 q10 q11 global center,
-not normalised), labels and, for models with a classifier, logits are cached under
-``cache/<in-dataset>/<name>/<split>-<key>/``. The key hashes the checkpoint's bytes, the
-architecture, the dataset and split, where its images are read from (``--data-root`` or the
-folder), the transform and the scales, so a cache made from anything else is never reused;
-it is written to a temporary folder and renamed, so an interrupted run never leaves a
-half-written cache that a later run would read (a damaged one is recomputed).
+not normalised), labels and, for models with a classifier, logits go to a feature store
+``cache/<in-dataset>/<name>/<split>-<key>/`` (``util/store.py``): streamed to disk batch
+by batch (memory does not grow with the dataset), fp16 by default (``--dtype fp32``),
+resumable after a kill, and renamed into place only when complete. The key hashes the
+checkpoint's bytes, the architecture, the dataset and split, where its images are read from
+(``--data-root`` or the folder), the transform, the scales, the dtype and the extraction
+code, so a store made from anything else is never reused.
+
+    torchrun --nproc_per_node=4 CSD/feature_collect.py ...    # one GPU (or CPU process) each
+
+splits every set into contiguous runs of batches, one per process: each image is extracted
+once, and the store is byte-identical to one process's.
 """
 import argparse
 import hashlib
 import json
 import os
-import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from util import data as data_lib
+from util import distributed as dist_lib
 from util import ood as ood_lib
 from util.checkpoint import file_sha256, load_model
 from util.errors import UserError, run_cli
-from util.features import SCALES, collect_features
+from util.features import SCALES
 from util.fingerprint import FEATURE_CODE, code_hash
-from util.misc import default_workers, pick_device, progress
+from util.misc import default_workers, progress
 from util.networks import MODEL_ARCHS
+from util.store import STORE_DTYPES, load_store, write_store
 
 FEATURE_VERSION = 1  # bump when the pooling changes, so old caches are not reused
 DEFAULT_OOD = {
@@ -73,6 +79,10 @@ def add_feature_args(parser):
                         help="test-time Normalize: paper (the authors' test pipeline: CIFAR-10's constants for "
                              "CIFAR-10 and CIFAR-100), train (the ID set's own training statistics), or MEAN,STD "
                              "numbers (default: what the checkpoint records, else paper)")
+    parser.add_argument('--dtype', default='fp16', choices=sorted(STORE_DTYPES),
+                        help='how the feature store keeps the vectors on disk: fp16 (half the disk and I/O; scores '
+                             'are computed in fp32 from it, see BENCHMARKS.md for its effect) or fp32 (bit-for-bit '
+                             'the fp32 forward pass, as the authors\' in-memory features) (default fp16)')
     parser.add_argument('--download', action='store_true', help='let torchvision download CIFAR/Fashion-MNIST if missing')
     return parser
 
@@ -115,7 +125,7 @@ def describe_norm(norm):
 
 # ---------------------------------------------------------------- cache
 def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train, source=None, device='cpu',
-              bank_fraction=None):
+              bank_fraction=None, dtype='fp16'):
     """``source``: where the split's images are read from (the absolute data root, or the
     image folder itself), so the same names under another ``--data-root`` do not hit.
     ``device``: its type ('cpu', 'cuda'): features made on a GPU (other kernels, other last
@@ -125,7 +135,7 @@ def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_trai
                           'transform': repr(transform), 'scales': SCALES, 'v': FEATURE_VERSION,
                           'id_classes': id_classes, 'max_train': max_train if split == 'train' else None,
                           'bank_fraction': bank_fraction if split == 'train' else None,
-                          'source': source, 'code': code_hash(FEATURE_CODE)},
+                          'source': source, 'code': code_hash(FEATURE_CODE), 'dtype': dtype},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -135,50 +145,16 @@ def split_dir(cache_root, in_dataset, name, split, key):
     return Path(cache_root) / in_dataset / name / f'{safe}-{key}'
 
 
-def load_split(path):
-    """Read a finished cache folder (memory-mapped), or return None when there is none or
-    it is damaged (a file missing or cut short): the caller then recomputes it."""
-    meta_file = path / 'meta.json'
-    if not meta_file.is_file():
-        return None
-    try:
-        meta = json.loads(meta_file.read_text())
-        out = {'meta': meta}
-        for part in meta['arrays']:
-            out[part] = np.load(path / f'{part}.npy', mmap_mode='r')
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        warnings.warn(f"ignoring damaged feature cache {path} ({type(e).__name__}: {e}); recomputing")
-        return None
-    return out
-
-
-def write_split(path, result, meta):
-    """Write arrays + meta.json into a temporary sibling folder, then rename it into place."""
-    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    arrays = [p for p in ('features', 'labels', 'logits', 'indices') if p in result]
-    for part in arrays:
-        np.save(tmp / f'{part}.npy', result[part])
-    meta = dict(meta, arrays=arrays, n=int(result['n']), skipped=int(result['skipped']))
-    (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
-    old = path.with_name(path.name + f'.old{os.getpid()}')
-    shutil.rmtree(old, ignore_errors=True)  # left by a killed run that had this pid
-    if path.exists():
-        # Renamed aside, not deleted in place: a kill during a long rmtree would otherwise
-        # leave a meta.json beside missing arrays under the real name.
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_name(args):
     return args.name or Path(args.ckp).stem
 
 
 def get_splits(args, model, info, spec, device, force=False, log=print):
-    """Features for 'train', 'test' and each OOD set; reuse valid caches, compute the rest.
-    -> {split: {'features', 'labels', ['logits'], 'meta'}}."""
+    """Features for 'train', 'test' and each OOD set; reuse finished stores, extract the rest
+    (``util.store``: streamed to disk, resumable; under torchrun every process extracts its
+    share). -> {split: {'features', 'labels', ['logits'], 'meta'}}, memory-mapped."""
+    if not dist_lib.is_main():
+        log = lambda *a, **k: None
     id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
     mean, std, _ = info['norm']
     transform = data_lib.test_transform(spec, mean, std)
@@ -195,26 +171,25 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
         if spec.name == 'path' and split in ('train', 'test'):
             source = os.path.abspath(args.in_train if split == 'train' else args.in_test)
         key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source,
-                        device.type, args.bank_fraction)
+                        device.type, args.bank_fraction, args.dtype)
         path = split_dir(args.cache_dir, spec.name, name, split_label(split), key)
-        cached = None if force else load_split(path)
+        cached = None if force else load_store(path)
         if cached is not None:
             log(f"[cache] {split}: {cached['meta']['n']} images from {path}")
             splits[split_label(split)] = cached
             continue
         dataset, keep = split_dataset(args, spec, split, transform, id_classes, log)
-        loader = make_loader(args, dataset, device)
-        result = collect_features(model, loader, device, source=f"checkpoint {args.ckp}",
-                                  progress=lambda it, s=split: progress(it, desc=f'features {s}'))
-        if keep is not None:
-            result['indices'] = keep  # rows of the bank -> images of the training set
-        if result['skipped']:
-            log(f"[warn] {split}: skipped {result['skipped']} of {len(dataset)} unreadable files")
-        write_split(path, result, {'split': split, 'in_dataset': spec.name, 'arch': info['arch'],
-                                   'ckp': str(args.ckp), 'ckp_sha256': ckp_hash, 'key': key,
-                                   'id_classes': id_classes, 'transform': repr(transform), 'device': device.type})
-        log(f"[features] {split}: {result['n']} images -> {path}")
-        splits[split_label(split)] = load_split(path)
+        meta = {'split': split, 'in_dataset': spec.name, 'arch': info['arch'], 'ckp': str(args.ckp),
+                'ckp_sha256': ckp_hash, 'key': key, 'id_classes': id_classes, 'transform': repr(transform),
+                'device': device.type}
+        bar = (lambda it, s=split: progress(it, desc=f'features {s}')) if dist_lib.is_main() else None
+        store = write_store(path, model, dataset, device, batch_size=args.batch_size, num_workers=args.num_workers,
+                            dtype=args.dtype, key=key, indices=keep, meta=meta, log=log, progress=bar,
+                            source=f"checkpoint {args.ckp}")
+        if store['meta']['skipped']:
+            log(f"[warn] {split}: skipped {store['meta']['skipped']} of {len(dataset)} unreadable files")
+        log(f"[features] {split}: {store['meta']['n']} images -> {path}")
+        splits[split_label(split)] = store
     return splits
 
 
@@ -249,6 +224,7 @@ def split_dataset(args, spec, split, transform, id_classes, log=print):
 
 
 def make_loader(args, dataset, device):
+    """The test-time loader in dataset order (ODIN's own forward passes use it)."""
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                                        pin_memory=device.type == 'cuda', collate_fn=data_lib.collate_skip_none,
                                        persistent_workers=False)
@@ -284,8 +260,10 @@ def path_spec(args, info):
 
 
 def prepare(args):
-    """Resolve device, checkpoint, model and dataset spec from the shared flags."""
-    device = pick_device(args.device)
+    """Resolve device, checkpoint, model and dataset spec from the shared flags. Under
+    torchrun (``WORLD_SIZE`` > 1) the process group starts here and each process takes its
+    own GPU (``util.distributed.init_from_env``)."""
+    device = dist_lib.init_from_env(args.device)
     if str(args.in_dataset).lower() == 'path':
         model, info = load_model(args.ckp, args.model_arch, None)
         spec = path_spec(args, info)
@@ -305,11 +283,19 @@ def prepare(args):
 
 
 def main(args):
+    """One process, or ``torchrun --nproc_per_node=N CSD/feature_collect.py ...``: every
+    image is extracted once, by one of the processes, into the same stores."""
     device, spec, model, info = prepare(args)
-    print(f"model {info['arch']} from {args.ckp} on {device} | {describe_norm(info['norm'])}")
-    splits = get_splits(args, model, info, spec, device, force=args.force)
+    say = print if dist_lib.is_main() else (lambda *a, **k: None)
+    say(f"model {info['arch']} from {args.ckp} on {device} | {describe_norm(info['norm'])}"
+        + (f" | {dist_lib.world_size()} processes" if dist_lib.world_size() > 1 else ''))
+    try:
+        splits = get_splits(args, model, info, spec, device, force=args.force)
+    finally:
+        if dist_lib.is_dist():
+            torch.distributed.destroy_process_group()
     for name, s in splits.items():
-        print(f"  {name:<24} {tuple(s['features'].shape)}")
+        say(f"  {name:<24} {tuple(s['features'].shape)} {s['features'].dtype}")
     return splits
 
 

@@ -9,15 +9,15 @@ then maps test features to one number per image, **higher = more ID**.
   the test image's M vectors, d_s = squared L2 distance to its k-th neighbour in the bank;
   score = max_s(−d_s).
 - ``local`` (quadrants + centre) and ``global+center``: the same rule on a subset of scales.
-Every vector is L2-normalised first (``x / (‖x‖ + 1e-10)``). Search is exact, all scales
-of all queries in one batched search, through the project's one k-NN search
+Every vector is L2-normalised first (``x / (‖x‖ + 1e-10)``). Search is exact (approximate
+only when ``--search ivf|hnsw`` asks for it), all scales of all queries in one batched search, through the project's one k-NN search
 (``util.knn.ExactKNN``: faiss or torch backend, same numbers).
 """
 import numpy as np
 
 from util.errors import UserError
 from util.features import SCALES, l2_normalize
-from util.knn import SEARCH_BACKENDS, Bank, ExactKNN  # noqa: F401  (SEARCH_BACKENDS: the CLI's choices)
+from util.knn import APPROX_BACKENDS, SEARCH_BACKENDS, ApproxKNN, Bank, ExactKNN  # noqa: F401  (the CLI's choices)
 
 SCALE_SETS = {
     'knn': ('global',),
@@ -44,7 +44,8 @@ class MultiScaleKNN:
     ``scales`` picks the vectors used (names from ``util.features.SCALES``); with one scale
     this is the KNN baseline, with all six it is CSD."""
 
-    def __init__(self, scales=SCALES, k=10, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
+    def __init__(self, scales=SCALES, k=10, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None,
+                 approx=None):
         unknown = set(scales) - set(SCALES)
         if unknown:
             raise UserError(f"unknown scales {sorted(unknown)}; known: {', '.join(SCALES)}")
@@ -55,6 +56,7 @@ class MultiScaleKNN:
         self.backend = backend
         self.mem_budget = mem_budget
         self.bank_chunk = bank_chunk
+        self.approx = approx or {}   # ApproxKNN's options with backend ivf / hnsw
 
     def _select(self, feats):
         feats = np.asarray(feats)
@@ -65,6 +67,11 @@ class MultiScaleKNN:
     def fit(self, train_feats):
         """``bank_chunk`` (bank rows per chunk) streams the bank through the device instead of
         loading it whole: ``train_feats`` may then be a memory-mapped array of any size."""
+        if self.backend in APPROX_BACKENDS:
+            bank = Bank(train_feats, self.idx) if self.bank_chunk else self._select(train_feats).reshape(
+                -1, np.shape(train_feats)[-1])
+            self.search = ApproxKNN(bank, self.backend, self.device, **self.approx)
+            return self
         if self.bank_chunk:
             self.search = ExactKNN(Bank(train_feats, self.idx), self.device, mem_budget=self.mem_budget,
                                    k_max=self.k, bank_chunk=self.bank_chunk)
@@ -86,12 +93,13 @@ class MultiScaleKNN:
         return scores
 
 
-def build_score(method, k=None, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
-    """Name -> fitted-later score object: ``knn``, ``csd``, ``local``, ``global+center``."""
+def build_score(method, k=None, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None, approx=None):
+    """Name -> fitted-later score object: ``knn``, ``csd``, ``local``, ``global+center``.
+    ``backend`` ivf / hnsw: approximate search (``util.knn.ApproxKNN``, options ``approx``)."""
     if method not in SCALE_SETS:
         raise UserError(f"unknown --method {method!r}; known: {', '.join(SCALE_SETS)}")
     return MultiScaleKNN(SCALE_SETS[method], k=k or DEFAULT_K[method], device=device, backend=backend,
-                         mem_budget=mem_budget, bank_chunk=bank_chunk)
+                         mem_budget=mem_budget, bank_chunk=bank_chunk, approx=approx)
 
 
 def knn_scores(bank, queries, k, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):

@@ -100,17 +100,23 @@ def test_feature_collect_shapes_and_cache(data_root, tmp_path, capsys):
 
 
 def test_features_match_direct_forward(data_root, tmp_path):
-    """The cached vectors are PAPER §2's pooling of the model's own last-stage map."""
+    """The stored vectors are PAPER §2's pooling of the model's own last-stage map: the fp32
+    store holds it as computed, the default fp16 store holds exactly its fp16 rounding."""
     from util import data as data_lib
     from util.features import multi_scale_pool
     model, _ = authors_checkpoint(tmp_path / 'ckpt.pth')
-    splits = feature_collect.main(collect_args(data_root, tmp_path, tmp_path / 'ckpt.pth'))
+    fp32 = feature_collect.main(collect_args(data_root, tmp_path, tmp_path / 'ckpt.pth', '--dtype', 'fp32'))
+    fp16 = feature_collect.main(collect_args(data_root, tmp_path, tmp_path / 'ckpt.pth'))
     ds = data_lib.get_id_dataset('CIFAR-10', str(data_root), 'test', data_lib.test_transform('CIFAR-10'))
     x = torch.stack([ds[i][0] for i in range(3)])
     model.eval()
     with torch.no_grad():
         expect = multi_scale_pool(model.forward_features(x)).numpy()
-    np.testing.assert_allclose(splits['test']['features'][:3], expect, rtol=1e-4, atol=1e-5)
+    assert fp32['test']['features'].dtype == np.float32 and fp16['test']['features'].dtype == np.float16
+    np.testing.assert_allclose(fp32['test']['features'][:3], expect, rtol=1e-4, atol=1e-5)
+    for split in fp32:
+        np.testing.assert_array_equal(fp16[split]['features'], np.asarray(fp32[split]['features']).astype(np.float16))
+        np.testing.assert_array_equal(fp16[split]['labels'], fp32[split]['labels'])
 
 
 def test_csd_cli_end_to_end(data_root, tmp_path):

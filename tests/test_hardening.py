@@ -402,29 +402,35 @@ def test_interrupted_feature_cache_is_never_served(data_root, ckpts, tmp_path, c
     args = lambda cache, *extra: collect_args(data_root, cache, ckp, 'SVHN', extra=extra)
     clean = feature_collect.main(args(tmp_path / 'clean'))
 
-    # (a) killed while writing the 'test' split: features.npy written, labels.npy not.
-    real_save = np.save
+    # (a) killed while writing the 'test' split, after its first batch reached the disk: the
+    # store is not visible under its name, and the rerun resumes it (the train store is reused).
+    from util import store as store_lib
+    monkeypatch.setattr(store_lib, 'BLOCK', 1)
+    real_iter, calls = store_lib.iter_features, []
 
-    def dying_save(file, arr, *a, **k):
-        if Path(file).name == 'labels.npy' and Path(file).parent.name.startswith('test-'):
-            raise Killed
-        return real_save(file, arr, *a, **k)
-    monkeypatch.setattr(np, 'save', dying_save)
+    def dying_iter(model, batches, *a, **k):   # splits go train, test, SVHN: the 2nd call is 'test'
+        calls.append(1)
+        for j, out in enumerate(real_iter(model, batches, *a, **k)):
+            if len(calls) == 2 and j == 1:
+                raise Killed
+            yield out
+    monkeypatch.setattr(store_lib, 'iter_features', dying_iter)
     with pytest.raises(Killed):
         feature_collect.main(args(tmp_path / 'c'))
-    monkeypatch.setattr(np, 'save', real_save)
-    assert any('.tmp' in p.name for p in (tmp_path / 'c').rglob('test-*'))   # the half-written folder is there
+    monkeypatch.setattr(store_lib, 'iter_features', real_iter)
+    stores = list((tmp_path / 'c').rglob('test-*'))
+    assert stores and all(p.name.endswith('.partial') for p in stores), stores   # only the half-written folder
     capsys.readouterr()
     rerun = feature_collect.main(args(tmp_path / 'c'))
     out = capsys.readouterr().out
-    assert '[cache] train' in out and '[features] test' in out, out
+    assert '[cache] train' in out and 'resuming test-' in out and '1 of 2 batches' in out, out
     _assert_splits_equal(rerun, clean)
 
     # (b) killed while --force replaces a finished cache (the old folder half deleted).
     real_rmtree = shutil.rmtree
 
     def dying_rmtree(path, *a, **k):
-        if '.tmp' in Path(path).name or not Path(path).exists():
+        if '.partial' in Path(path).name or not Path(path).exists():
             return real_rmtree(path, *a, **k)
         os.remove(Path(path) / 'features.npy')   # the first file goes, then the kill
         raise Killed
@@ -439,7 +445,7 @@ def test_interrupted_feature_cache_is_never_served(data_root, ckpts, tmp_path, c
                      if p.name.startswith('train-') and '.' not in p.name)
     os.remove(train_dir / 'features.npy')
     capsys.readouterr()
-    with pytest.warns(UserWarning, match='damaged feature cache'):
+    with pytest.warns(UserWarning, match='damaged feature store'):
         again = feature_collect.main(args(tmp_path / 'c'))
     assert '[features] train' in capsys.readouterr().out
     _assert_splits_equal(again, clean)

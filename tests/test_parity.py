@@ -292,7 +292,7 @@ def test_authors_checkpoint_features_equal_authors_preprocessing(data_root, tmp_
     model, _ = authors_checkpoint(tmp_path / 'Finetune_epoch_500.pth')
     argv = ['--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'Finetune_epoch_500.pth'), '--name', 'authors',
             '--data-root', str(data_root), '--cache-dir', str(tmp_path / 'cache'), '--num-workers', '0',
-            '--batch-size', '16', '--device', 'cpu', '--out-datasets', 'dtd', 'SVHN']
+            '--batch-size', '16', '--device', 'cpu', '--out-datasets', 'dtd', 'SVHN', '--dtype', 'fp32']
     splits = feature_collect.main(feature_collect.get_args_parser().parse_args(argv))
     # The authors' preprocessing, applied by hand to the dtd files (non-square JPEGs) and
     # the CIFAR-10 test images, then the model's own forward pass and PAPER §2's pooling.

@@ -66,24 +66,43 @@ def collect_features(model, loader, device, with_logits=None, progress=None, sou
 
 
 @torch.no_grad()
-def _collect_features(model, loader, device, with_logits, progress, source):
+def iter_features(model, batches, device, with_logits=None, source='the model', name='the dataset'):
+    """The extraction loop: one forward pass per batch of ``batches`` (a loader, maybe wrapped
+    in a progress bar; ``name``: its dataset, for errors) -> yields, per batch,
+    ``(features [n, 6, C] fp32 numpy, labels [n] int64, logits [n, K] fp32 or None, extra)``,
+    or ``None`` for a batch whose every image was unreadable. ``extra`` is what the batch
+    carries after (image, label), e.g. the dataset indices of ``IndexedDataset``. No autograd;
+    call it under ``exact_fp32``; the model is put in eval mode."""
     model.eval()
     if with_logits is None:
         with_logits = hasattr(model, 'fc')
-    feats, labels, logits = [], [], []
-    for batch in (progress(loader) if progress else loader):
+    for batch in batches:
         if batch is None:
+            yield None
             continue
         fmap = model.forward_features(batch[0].to(device, non_blocking=True)).float()
         pooled = multi_scale_pool(fmap).cpu().numpy()
         if not np.isfinite(pooled).all():
-            name = getattr(loader.dataset, 'name', 'the dataset')
             raise UserError(f"{source} gives non-finite (NaN or inf) features on {name}: its weights are probably "
                             f"broken (a diverged run?); use another checkpoint")
-        feats.append(pooled)
-        labels.append(np.asarray(batch[1], dtype=np.int64))
+        logits = model.forward_head(fmap).float().cpu().numpy() if with_logits else None
+        yield pooled, np.asarray(batch[1], dtype=np.int64), logits, batch[2:]
+
+
+@torch.no_grad()
+def _collect_features(model, loader, device, with_logits, progress, source):
+    if with_logits is None:
+        with_logits = hasattr(model, 'fc')
+    feats, labels, logits = [], [], []
+    batches = iter_features(model, progress(loader) if progress else loader, device, with_logits, source,
+                            getattr(loader.dataset, 'name', 'the dataset'))
+    for out in batches:
+        if out is None:
+            continue
+        feats.append(out[0])
+        labels.append(out[1])
         if with_logits:
-            logits.append(model.forward_head(fmap).float().cpu().numpy())
+            logits.append(out[2])
     n_seen = sum(len(l) for l in labels)
     skipped = len(loader.dataset) - n_seen
     if skipped:

@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover - faiss is in requirements.txt
     faiss = None
 
 SEARCH_BACKENDS = ('faiss', 'torch')
+APPROX_BACKENDS = ('ivf', 'hnsw')   # faiss IndexIVFFlat / IndexHNSWFlat: approximate, on request
 
 
 def _faiss_gpu_available():
@@ -163,9 +164,18 @@ class ExactKNN:
         q_sq = (queries * queries).sum(1, keepdim=True)
         for start in range(0, self.n, self.bank_chunk):
             stop = min(self.n, start + self.bank_chunk)
+            kk = min(k, stop - start)
+            if self._use_knn_gpu(kk):
+                # faiss's brute-force GPU search on this chunk (its own tiling), merged as below
+                chunk = self.stream.rows(start, stop)
+                d, i = faiss.knn_gpu(self._gpu_resources(), q, chunk, kk, device=self.device.index or 0)
+                merged_d = torch.cat([best_d, torch.as_tensor(d, device=self.device)], 1)
+                merged_i = torch.cat([best_i, torch.as_tensor(i, device=self.device) + start], 1)
+                keep = merged_d.topk(k, dim=1, largest=False)
+                best_d, best_i = keep.values, merged_i.gather(1, keep.indices)
+                continue
             bank = torch.from_numpy(self.stream.rows(start, stop)).to(self.device)   # [chunk, D]
             bank_sq = (bank * bank).sum(1)
-            kk = min(k, stop - start)
             for s in range(0, len(q), rows):
                 block = torch.addmm(bank_sq[None], queries[s:s + rows], bank.T, beta=1.0, alpha=-2.0)
                 block.add_(q_sq[s:s + rows])
@@ -176,6 +186,16 @@ class ExactKNN:
                 best_d[s:s + rows] = keep.values
                 best_i[s:s + rows] = merged_i.gather(1, keep.indices)
         return best_d.cpu().numpy(), best_i.cpu().numpy()
+
+    def _use_knn_gpu(self, k):
+        """Streamed chunks go through ``faiss.knn_gpu`` on a CUDA device when faiss has GPU support."""
+        return self.device.type == 'cuda' and _faiss_gpu_available() and k <= FAISS_GPU_MAX_K
+
+    def _gpu_resources(self):
+        if getattr(self, '_res', None) is None:
+            torch.cuda.empty_cache()
+            self._res = faiss.StandardGpuResources()
+        return self._res
 
     def _torch_search(self, q, k, need_indices):
         rows = self.block_rows(k)
@@ -191,6 +211,71 @@ class ExactKNN:
             if need_indices:
                 idx.append(top.indices.cpu().numpy())
         return np.concatenate(dists), (np.concatenate(idx) if need_indices else None)
+
+
+class ApproxKNN:
+    """Approximate squared-L2 k-NN through faiss, on request (``--search ivf|hnsw``), with the
+    ``ExactKNN`` interface. ``bank``: an [N, D] array of normalised vectors or a ``Bank``
+    (added chunk by chunk, so a memory-mapped store is never loaded whole; the index itself
+    holds the N·D vectors in RAM).
+
+    - ``ivf``: ``IndexIVFFlat``, ``nlist`` lists (default 4·√N, at most N/39) trained with
+      k-means on a seeded sample of at most 64·nlist bank vectors; ``nprobe`` lists searched
+      (default 32). On a CUDA device with faiss-gpu the index is moved to the GPU.
+    - ``hnsw``: ``IndexHNSWFlat`` with ``m`` links per node (default 32), ``ef_search``
+      candidates (default 128, raised to k when k is larger)."""
+
+    def __init__(self, bank, kind='ivf', device='cpu', nlist=None, nprobe=32, m=32, ef_search=128, seed=0):
+        if faiss is None:
+            raise UserError("--search ivf/hnsw needs faiss: pip install faiss-cpu (or faiss-gpu-cu12 on CUDA)")
+        if kind not in APPROX_BACKENDS:
+            raise UserError(f"unknown approximate --search {kind!r}; known: {', '.join(APPROX_BACKENDS)}")
+        stream = bank if isinstance(bank, Bank) else None
+        self.n, self.dim = (bank.n, bank.dim) if stream else np.shape(bank)
+        self.device, self.kind, self.ef_search = torch.device(device), kind, ef_search
+        rows = (lambda a, b: stream.rows(a, b)) if stream else (
+            lambda a, b: np.ascontiguousarray(bank[a:b], dtype=np.float32))
+        step = stream.per_image * max(1, (1 << 18) // stream.per_image) if stream else 1 << 18
+        if kind == 'ivf':
+            self.nlist = int(nlist or max(1, min(int(4 * np.sqrt(self.n)), self.n // 39)))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, self.nlist, faiss.METRIC_L2)
+            sample = np.sort(np.random.default_rng(seed).choice(self.n, min(self.n, 64 * self.nlist), replace=False))
+            index.train(self._gather(rows, sample, step, self.n))
+            index.nprobe = self.nprobe = min(nprobe, self.nlist)
+            self.describe = f"ivf (IndexIVFFlat, nlist {self.nlist}, nprobe {self.nprobe})"
+        else:
+            index = faiss.IndexHNSWFlat(self.dim, m)
+            self.describe = f"hnsw (IndexHNSWFlat, M {m}, efSearch {ef_search})"
+        for a in range(0, self.n, step):
+            index.add(rows(a, min(self.n, a + step)))
+        if kind == 'ivf' and self.device.type == 'cuda' and _faiss_gpu_available():
+            torch.cuda.empty_cache()
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, self.device.index or 0, index)
+        self.index, self.backend = index, f'faiss-{kind}'
+
+    @staticmethod
+    def _gather(rows, picks, step, n):
+        """Bank rows ``picks`` (sorted), read block by block."""
+        out = []
+        for a in range(0, int(picks[-1]) + 1, step):
+            sel = picks[(picks >= a) & (picks < a + step)]
+            if len(sel):
+                out.append(rows(a, min(a + step, n))[sel - a])
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+    def kth_distance(self, queries, k):
+        return self.search(queries, k, need_indices=False)[0][:, -1]
+
+    def search(self, queries, k, need_indices=True):
+        if not 1 <= k <= self.n:
+            raise UserError(f"--k {k} is out of range: the bank holds {self.n} vectors, so 1 <= k <= {self.n}")
+        if self.kind == 'hnsw':
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+        d, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        # fewer than k candidates found (an IVF probe of small lists): +inf, the farthest possible
+        d = np.where(i < 0, np.inf, d).astype(np.float32)
+        return d, (i if need_indices else None)
 
 
 def knn_accuracy(bank, bank_labels, queries, labels, k, num_classes, device='cpu', backend='torch'):
