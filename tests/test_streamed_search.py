@@ -101,6 +101,7 @@ def test_ivf_probing_every_list_is_exact_and_hnsw_finds_almost_all(tmp_path):
 
 def test_cli_search_ivf_prints_recall_and_metric_change(data_root, tmp_path, capsys):
     import json
+
     from CSD import CSD as csd_cli
     from tests.test_e2e_csd import authors_checkpoint
     authors_checkpoint(tmp_path / 'ck.pth')

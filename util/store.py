@@ -210,7 +210,7 @@ def write_store(path, model, dataset, device, *, batch_size, num_workers=0, dtyp
                 flush()
                 return None
         flush()
-    del arrays
+    arrays.clear()   # close the memory maps before the rename
     _barrier()
     if rank == 0:
         _finish(path, partial, state, indices, meta or {})
