@@ -164,6 +164,9 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
     # Every OOD name is checked before the first forward pass: a typo in the last name should
     # not cost the minutes of extracting the ID training features first.
     folders = {n for n in out_names if ood_lib.resolve_ood_name(n) not in ood_lib.OOD_DATASETS}
+    missing = [m for m in (ood_lib.missing_ood_folder(n, args.data_root) for n in out_names) if m]
+    if missing:
+        raise UserError('; '.join(missing))
     data_root = os.path.abspath(args.data_root)
     splits = {}
     for split in ['train', 'test', *out_names]:

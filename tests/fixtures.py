@@ -161,16 +161,18 @@ def write_fashion_mnist(root, n_train=20, n_test=10, gz=True, seed=0):
     return out
 
 
-def write_imagenet(root, num_classes=3, n_per_class=2, size=40, seed=0):
+def write_imagenet(root, num_classes=3, n_per_class=2, size=40, seed=0, n_val_per_class=None):
     """``root/imagenet/{train,val}/<wnid>/*.JPEG`` with ``num_classes`` WordNet-style class
-    folders. Returns the class folder names, sorted (= label order)."""
+    folders (``n_val_per_class`` images each in val, default ``n_per_class``). Returns the
+    class folder names, sorted (= label order)."""
     classes = [f'n{1440764 + 17 * c:08d}' for c in range(num_classes)]
     for s, split in enumerate(('train', 'val')):
+        n = n_per_class if split == 'train' or n_val_per_class is None else n_val_per_class
         for c, wnid in enumerate(classes):
             folder = os.path.join(root, 'imagenet', split, wnid)
             os.makedirs(folder, exist_ok=True)
             rng = np.random.default_rng([seed, s, c])
-            for i in range(n_per_class):
+            for i in range(n):
                 img = rng.integers(0, 256, size=(size, size + 8, 3), dtype=np.uint8)
                 Image.fromarray(img).save(os.path.join(folder, f'{wnid}_{i}.JPEG'), format='JPEG')
     return sorted(classes)

@@ -229,6 +229,19 @@ def _load_digits():
     return np.round(x * (255.0 / 16.0)).astype(np.uint8)
 
 
+def missing_ood_folder(name, root='datasets'):
+    """The one-line error for an OOD set whose image folder is not on disk, else None: a cheap
+    check done for every OOD set before the first (long) forward pass."""
+    canonical = resolve_ood_name(name)
+    if canonical in _OOD_FOLDERS:
+        folder, src = _ood_path(root, _OOD_FOLDERS[canonical][0]), _OOD_FOLDERS[canonical][1]
+    elif canonical not in OOD_DATASETS:
+        folder, src = canonical, 'an image folder given by path'
+    else:
+        return None
+    return None if os.path.isdir(folder) else f"{canonical} not found at {folder}: download it ({src}) and extract it there"
+
+
 def get_ood_dataset(name, root='datasets', spec=None, transform=None, id_classes=None, seed=0):
     """An OOD set, items ``(transform(PIL image), -1)``; ``name`` is a key of ``OOD_DATASETS``
     (case-insensitive; aliases inat, sun50, places50, places365_sub, textures), an
