@@ -4,6 +4,7 @@
     python bench/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
     python bench/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~1 h a seed here)
     python bench/mode_fmnist.py --preset full --seeds 1 2    # later; the summary covers every seed found
+    python bench/mode_fmnist.py --released checkpoints       # no training: score the released checkpoints
 
 ID = Fashion-MNIST classes 0-5 (T-shirt, trouser, pullover, dress, coat, sandal); OOD =
 the held-out classes 6-9 (near OOD: shirt, sneaker, bag, ankle boot) and far OOD: sklearn's
@@ -83,6 +84,10 @@ def get_args_parser():
     p.add_argument('--download', action='store_true', help='let torchvision download Fashion-MNIST if missing')
     p.add_argument('--probe-epochs', type=int, default=None,
                    help='linear-probe epochs for the SupCon encoders (0: no probe; default: the preset\'s, full 5)')
+    p.add_argument('--released', nargs='?', const='checkpoints', default=None, metavar='DIR',
+                   help='no training: score the checkpoints listed in DIR/manifest.json (bench/release_checkpoints.py) '
+                        'on the bank they were released with, print the same tables and figures, and compare with '
+                        'the recorded results (DIR default ./checkpoints; --out-dir default then runs/fmnist_released)')
     p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=None,
                    help='also the ablation rows and the post-hoc baselines (default: the preset\'s, on for full)')
     return p
@@ -165,7 +170,7 @@ def score(args, seed, mode, ckp):
     argv = ['--in-dataset', 'fashion-mnist', '--ckp', ckp, '--name', f'seed{seed}-{slug(mode)}', '--data-root', args.data_root,
             '--cache-dir', os.path.join(args.out_dir, 'cache'), '--output-dir', os.path.join(args.out_dir, 'results'),
             '--num-workers', str(args.num_workers), '--out-datasets', *NEAR, *args.far, '--method', *methods_for(args, mode),
-            '--search', args.search]
+            '--search', args.search, '--dtype', 'fp32']
     if args.max_train:
         argv += ['--max-train', str(args.max_train)]
     if args.device:
@@ -298,8 +303,43 @@ def draw_figures(args, seed, scored, out):
     return paths
 
 
+def score_released(args):
+    """--released DIR: the manifest's checkpoints scored as the protocol scores its own models
+    (KNN and CSD, the bank they were released with), with the figures, and each AUROC beside
+    the one recorded in the manifest."""
+    if args.out_dir == 'runs/fmnist':
+        args.out_dir = 'runs/fmnist_released'
+    manifest = json.loads((Path(args.released) / 'manifest.json').read_text())
+    entries = manifest['checkpoints']
+    args.max_train = entries[0]['max_train']
+    seed, scored, per_seed, t0 = manifest['seed'], {}, {}, time.perf_counter()
+    print(f"[mode_fmnist] scoring {len(entries)} released checkpoints from {args.released} "
+          f"(commit {manifest['commit']}), bank {args.max_train or 'all'} images")
+    for e in entries:
+        scored[e['name']] = score(args, seed, e['name'], str(Path(args.released) / e['file']))
+    per_seed[seed] = {m: r['results'] for m, r in scored.items()}
+    if args.figures:
+        print('\nfigures:\n  ' + '\n  '.join(draw_figures(args, seed, scored, os.path.join(args.out_dir, 'figures'))))
+    text, md = format_summary(summary_rows(per_seed, args.far), 1, args.far)
+    print('\n' + text)
+    worst = 0.0
+    print('\nAUROC now vs recorded in the manifest (×100):')
+    for e in entries:
+        for method in ('knn', 'csd'):
+            diffs = {n: 100 * scored[e['name']]['results'][method][n]['AUROC'] - r['AUROC']
+                     for n, r in e['results'][method].items()}
+            worst = max(worst, *(abs(d) for d in diffs.values()))
+            print(f"  {e['name']:<14} {method}: " + ', '.join(f"{n} {d:+.3f}" for n, d in diffs.items()))
+    print(f"largest |difference| {worst:.3f}; total {(time.perf_counter() - t0) / 60:.1f} min")
+    os.makedirs(args.out_dir, exist_ok=True)
+    (Path(args.out_dir) / 'summary.md').write_text(md)
+    return per_seed
+
+
 def main(args):
     args = resolve_preset(args)
+    if args.released:
+        return score_released(args)
     t_start = time.perf_counter()
     per_seed, timings = {}, {}
     for seed in args.seeds:

@@ -52,3 +52,20 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     assert {('CE', 'knn'), ('CE', 'energy'), ('CE', 'odin'), ('ALPA-finetune*', 'csd'), ('Base', 'global+center'),
             ('Base', 'local'), ('Base', 'mahalanobis'), ('ALPA-train', 'ssd'), ('Base +probe', 'vim')} <= rows
     assert 'over 2 seed(s)' in out
+    # the release of seed 0 (stripped checkpoints + manifest), then --released re-scores them
+    from bench import release_checkpoints
+    dest = tmp_path / 'released'
+    manifest = release_checkpoints.main(['--out-dir', str(tmp_path), '--seed', '0', '--dest', str(dest),
+                                         '--commit', 'test'])
+    assert [e['name'] for e in manifest['checkpoints']] == ['Base', 'ALPA-finetune', 'ALPA-train', 'CE']
+    base = manifest['checkpoints'][0]
+    assert base['max_train'] == 60 and '--max-train 60' in base['rescore_command']
+    assert base['results']['csd']['digits']['AUROC'] == pytest.approx(
+        100 * per_seed[0]['Base']['csd']['digits']['AUROC'], abs=1e-3)
+    capsys.readouterr()
+    rescored = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(
+        ['--released', str(dest), '--width', '4', '--data-root', str(fmnist_root), '--out-dir', str(tmp_path / 'rs'),
+         '--device', 'cpu', '--num-workers', '0', '--far', 'digits']))
+    out = capsys.readouterr().out
+    assert set(rescored[0]) == {'Base', 'ALPA-finetune', 'ALPA-train', 'CE'}
+    assert 'largest |difference| 0.000' in out, out
