@@ -21,7 +21,7 @@ PYEOF
 log=$(mktemp)
 MODE_NO_PROGRESS=1 timeout 480 "$PY" -m pytest -p no:cacheprovider -v -s -rA tests/test_cuda.py >"$log" 2>&1
 rc=$?
-grep -E '^(peak above|bank |ALPA|resnet|Base |ALPA-train|ours|reference|speed-up|bare faiss)' "$log" | sed 's/^/  /'
+grep -E '^(peak above|bank |ALPA|resnet|Base |ALPA-train|ours|reference|speed-up|bare faiss|streamed GPU|ivf |torchrun with)' "$log" | sed 's/^/  /'
 grep -E '^tests/test_cuda.py::[^ ]+ (PASSED|FAILED|ERROR|SKIPPED)' "$log" \
   | sed -E 's/^tests\/test_cuda.py::([^ ]+) (PASSED|FAILED|ERROR|SKIPPED).*/\2 \1/; s/^PASSED/PASS/; s/^FAILED|^ERROR/FAIL/'
 echo "gpu_check: pytest exit $rc; full log: $log"

@@ -150,3 +150,55 @@ def test_benchmarks_run_on_cuda(bench):
     proc = subprocess.run([sys.executable, *bench], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(proc.stdout[-1500:])
+
+
+def test_streamed_search_on_gpu_equals_cpu_exact():
+    """The streamed bank on the GPU (faiss.knn_gpu per chunk when faiss has GPU support, else
+    the torch blocks) gives the CPU's exact k-th distances."""
+    from util.knn import Bank, ExactKNN, _faiss_gpu_available
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((20_000, 6, 128)).astype(np.float16)
+    q = rng.standard_normal((3000, 128)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    gpu = ExactKNN(Bank(feats, range(6)), device='cuda', bank_chunk=30_000)
+    cpu = ExactKNN(Bank(feats, range(6)), device='cpu', bank_chunk=30_000)
+    print(f"streamed GPU search through {'faiss.knn_gpu' if _faiss_gpu_available() else 'torch blocks'}")
+    np.testing.assert_allclose(gpu.kth_distance(q, 50), cpu.kth_distance(q, 50), rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_on_gpu_recall():
+    from util.knn import ApproxKNN, ExactKNN
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((50, 64)).astype(np.float32)
+    bank = centers[rng.integers(0, 50, 50_000)] + 0.3 * rng.standard_normal((50_000, 64)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    ivf = ApproxKNN(bank, 'ivf', device='cuda', nprobe=16)
+    _, got = ivf.search(bank[:500], 10)
+    _, want = ExactKNN(bank, backend='torch').search(bank[:500], 10)
+    recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(got, want)])
+    print(f"{ivf.describe} on {'the GPU' if hasattr(ivf, '_res') else 'the CPU (faiss without GPU support)'}: "
+          f"recall@10 {recall:.3f}")
+    assert recall > 0.9
+
+
+def test_torchrun_nccl_extraction_equals_one_process(data_root, tmp_path):
+    """torchrun on every visible GPU (NCCL; one process when there is one GPU) writes the
+    same fp32 store as one process on GPU 0, to float tolerance."""
+    from tests.test_e2e_csd import authors_checkpoint
+    authors_checkpoint(tmp_path / 'ck.pth')
+    argv = ['CSD/feature_collect.py', '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ck.pth'), '--name', 'r',
+            '--data-root', str(data_root), '--num-workers', '0', '--batch-size', '8', '--out-datasets', 'SVHN',
+            '--dtype', 'fp32']
+    env = {**os.environ, 'PYTHONPATH': REPO}
+    n = torch.cuda.device_count()
+    one = subprocess.run([sys.executable, *argv, '--cache-dir', str(tmp_path / 'one')], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    many = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}',
+                           *argv, '--cache-dir', str(tmp_path / 'many')], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert many.returncode == 0, (many.stderr + many.stdout)[-3000:]
+    print(f"torchrun with {n} process(es): " + ' | '.join(l for l in many.stdout.splitlines() if l.startswith('rank ')))
+    for f in sorted((tmp_path / 'one').rglob('features.npy')):
+        other = tmp_path / 'many' / f.relative_to(tmp_path / 'one')
+        np.testing.assert_allclose(np.load(other), np.load(f), rtol=1e-4, atol=1e-5)
