@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util import distributed as dist_lib
 from util.errors import UserError, run_cli
 from util.knn import knn_accuracy
 from util.metrics import TABLE_COLUMNS, cal_metric, format_table, openood_rows, write_openood_csv, write_results
@@ -248,6 +249,10 @@ def main(args):
                             f"must not be reported")
         args.out_datasets = [*reported, args.k_val_ood]
     splits = feature_collect.get_splits(args, model, info, spec, device)
+    if dist_lib.is_dist():   # under torchrun the processes shared the extraction; rank 0 scores
+        torch.distributed.destroy_process_group()
+        if dist_lib.rank_from_env() != 0:
+            return None
     if 'odin' in methods:
         odin_splits(args, model, info, spec, device, splits)
     validation = hold_out_validation(splits, args.k_val_ood) if auto else None

@@ -145,3 +145,10 @@ def test_torchrun_two_processes_equal_one_process_byte_for_byte(data_root, tmp_p
         assert (tmp_path / 'one' / rel).read_bytes() == (tmp_path / 'two' / rel).read_bytes(), rel
     metas = [json.loads(p.read_text()) for p in (tmp_path / 'two').rglob('meta.json')]
     assert sorted(m['split'] for m in metas) == ['SVHN', 'dtd', 'test', 'train']
+    # CSD.py under torchrun reads the same stores and prints its tables once (rank 0 scores)
+    score = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                            'CSD/CSD.py', *argv[1:], '--cache-dir', str(tmp_path / 'two'), '--method', 'csd', '--k', '3',
+                            '--output-dir', str(tmp_path / 'res')], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert score.returncode == 0, score.stderr[-3000:]
+    assert score.stdout.count('CSD (k=3)') == 1 and score.stdout.count('[cache]') == 4, score.stdout

@@ -19,6 +19,12 @@ def world_size():
     return dist.get_world_size() if is_dist() else 1
 
 
+def rank_from_env():
+    """This process's global rank from the launcher's ``RANK`` (0 without one); still valid
+    after the process group is destroyed."""
+    return int(os.environ.get('RANK', '0') or 0)
+
+
 def is_main():
     return rank() == 0
 
