@@ -85,6 +85,7 @@ def main():
                    help='also an IVF index (faiss IndexIVFFlat, nlist 4·√N) over the bank: recall@k and time of '
                         'the queries for each of these nprobe values')
     p.add_argument('--k', type=int, default=10, help='CSD k (default 10)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: every core)')
     p.add_argument('--bank-chunk', type=int, default=None, help='vectors per chunk (default: from free memory)')
     p.add_argument('--check-images', type=int, default=20_000, help='bank images of the in-memory check (default 20000)')
     p.add_argument('--compare', type=int, default=0,
@@ -94,7 +95,7 @@ def main():
 
     from CSD.scoring import build_score
     from util.store import load_store
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     images = args.bank // 6
     store = load_store(args.store) if os.path.isdir(args.store) else None
     if store is not None and store['features'].shape == (images, 6, args.dim) and store['meta']['dtype'] == args.dtype:
