@@ -45,12 +45,11 @@ def main(argv=None):
     p.add_argument('--commit', required=True, help='the commit the preset ran at')
     p.add_argument('--command', default=None, help='the preset command (default: the usual one for --seed)')
     args = p.parse_args(argv)
-    from bench.mode_fmnist import NEAR, slug
+    from bench.mode_fmnist import slug
     from util.checkpoint import file_sha256, read_checkpoint, save_checkpoint
     out, dest = Path(args.out_dir), Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     summary = json.loads((out / 'summary.json').read_text()) if (out / 'summary.json').exists() else {}
-    far = summary.get('args', {}).get('far', ['digits', 'gaussian', 'uniform'])
     command = args.command or f"python bench/mode_fmnist.py --preset full --seeds {args.seed}"
     entries = []
     for mode in RELEASED:
@@ -73,9 +72,14 @@ def main(argv=None):
                                for n, m in saved['metrics'].items()}
             ks[method] = saved['meta']['k']
             id_acc = saved['meta']['id_accuracy']
-            max_train = saved['meta']['n_train'] if summary.get('args', {}).get('max_train') else None
+            n_train = saved['meta']['n_train']
+            if 'args' in summary:
+                max_train = n_train if summary['args'].get('max_train') else None
+            else:   # no summary (the models were scored on their own): the full bank is 36,000 images
+                max_train = None if n_train == 36000 else n_train
+        oods = list(results['knn'])   # the rows that were scored (NEAR + far when the whole preset ran)
         rescore = (f"python CSD/CSD.py --in-dataset fashion-mnist --ckp {file.as_posix()} --method knn csd "
-                   f"--k {ks['knn']} {ks['csd']} --dtype fp32 --out-datasets {' '.join(NEAR + far)}"
+                   f"--k {ks['knn']} {ks['csd']} --dtype fp32 --out-datasets {' '.join(oods)}"
                    + (f" --max-train {max_train}" if max_train else ''))
         entries.append({'name': mode, 'file': file.name, 'sha256': file_sha256(str(file)),
                         'bytes': file.stat().st_size, 'arch': stripped['arch'], 'epoch': stripped.get('epoch'),
@@ -85,8 +89,9 @@ def main(argv=None):
                         'max_train': max_train, 'k': ks, 'results': results})
         print(f"{file}: {entries[-1]['sha256'][:12]}..., {entries[-1]['bytes'] / 1e6:.1f} MB, ID accuracy "
               f"{entries[-1]['id_accuracy']['percent']}% ({id_acc['how']})")
-    manifest = {'protocol': 'Fashion-MNIST, ID classes 0-5, OOD: held-out classes 6-9 (near), digits, gaussian, '
-                            'uniform (far); results x100, FPR = FPR95 with ID positive',
+    manifest = {'protocol': 'Fashion-MNIST, ID classes 0-5 (bench/mode_fmnist.py); OOD rows as listed: held-out '
+                            'classes 6-9 (near), digits / gaussian / uniform (far); results x100, FPR = FPR95 with '
+                            'ID positive',
                 'commit': args.commit, 'seed': args.seed, 'checkpoints': entries}
     tmp = dest / 'manifest.json.tmp'
     tmp.write_text(json.dumps(manifest, indent=1) + '\n')
