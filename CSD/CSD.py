@@ -115,7 +115,7 @@ def approximation_check(splits, method, scorer, scores, ood_names, device, sampl
     for name in ['test', *ood_names]:
         n = len(splits[name]['features'])
         picks[name] = np.sort(rng.choice(n, min(sample, n), replace=False))
-        q = scorer._select(np.asarray(splits[name]['features'])[picks[name]])
+        q = scorer.select(np.asarray(splits[name]['features'])[picks[name]])
         q = q.reshape(-1, q.shape[-1])
         _, ia = scorer.search.search(q, scorer.k)
         _, ie = exact.search.search(q, scorer.k)
@@ -294,6 +294,9 @@ def main(args):
                  f"| bank {splits['train']['features'].shape[0]} images | {feature_collect.describe_norm(info['norm'])} "
                  f"| {time.perf_counter() - t0:.1f}s")
         header = [acc_line]
+        if args.max_ood is not None:
+            header.append(f"--max-ood {args.max_ood}: each OOD set is a seeded subset (" + ', '.join(
+                f"{n} {int(splits[n]['meta']['n'])}" for n in ood_names) + ' images)')
         approx_check = None
         if uses_k:
             line, warning = distance_check(*scores)
@@ -310,7 +313,7 @@ def main(args):
                 'search': args.search, 'approximation': approx_check,
                 'test_norm': {'source': info['norm'][2], 'mean': list(info['norm'][0]), 'std': list(info['norm'][1])},
                 'n_train': int(splits['train']['meta']['n']), 'n_test': int(splits['test']['meta']['n']),
-                'n_ood': {n: int(splits[n]['meta']['n']) for n in ood_names}}
+                'n_ood': {n: int(splits[n]['meta']['n']) for n in ood_names}, 'max_ood': args.max_ood}
         files = write_results(results, prefix, columns, meta, near=near)
         files.append(write_openood_csv(openood_rows(scores[0], scores[1], near, accuracy[1]), prefix + '_openood.csv'))
         if args.save_scores:

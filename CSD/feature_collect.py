@@ -75,6 +75,9 @@ def add_feature_args(parser):
     parser.add_argument('--bank-fraction', type=float, default=None,
                         help='use a seeded uniform random fraction of the ID training images as the bank, as Sun et '
                              'al. (0.01 is their ImageNet setting; default all)')
+    parser.add_argument('--max-ood', type=int, default=None,
+                        help='score a seeded random subset of at most this many images of each OOD set (for quick '
+                             'runs; the tables say how many were used; default all)')
     parser.add_argument('--test-norm', default=None,
                         help="test-time Normalize: paper (the authors' test pipeline: CIFAR-10's constants for "
                              "CIFAR-10 and CIFAR-100), train (the ID set's own training statistics), or MEAN,STD "
@@ -125,7 +128,7 @@ def describe_norm(norm):
 
 # ---------------------------------------------------------------- cache
 def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_train, source=None, device='cpu',
-              bank_fraction=None, dtype='fp16'):
+              bank_fraction=None, dtype='fp16', max_ood=None):
     """``source``: where the split's images are read from (the absolute data root, or the
     image folder itself), so the same names under another ``--data-root`` do not hit.
     ``device``: its type ('cpu', 'cuda'): features made on a GPU (other kernels, other last
@@ -135,6 +138,7 @@ def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_trai
                           'transform': repr(transform), 'scales': SCALES, 'v': FEATURE_VERSION,
                           'id_classes': id_classes, 'max_train': max_train if split == 'train' else None,
                           'bank_fraction': bank_fraction if split == 'train' else None,
+                          'max_ood': max_ood if split not in ('train', 'test') else None,
                           'source': source, 'code': code_hash(FEATURE_CODE), 'dtype': dtype},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -174,7 +178,7 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
         if spec.name == 'path' and split in ('train', 'test'):
             source = os.path.abspath(args.in_train if split == 'train' else args.in_test)
         key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source,
-                        device.type, args.bank_fraction, args.dtype)
+                        device.type, args.bank_fraction, args.dtype, getattr(args, 'max_ood', None))
         path = split_dir(args.cache_dir, spec.name, name, split_label(split), key)
         cached = None if force else load_store(path)
         if cached is not None:
@@ -198,8 +202,10 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
 
 def split_dataset(args, spec, split, transform, id_classes, log=print):
     """The dataset of one split ('train', 'test' or an OOD name/folder) under the test
-    transform -> (dataset, bank indices or None). ``--max-train`` keeps a seeded subset of the
-    training images (``indices``: rows of the bank -> images of the training set)."""
+    transform -> (dataset, indices or None). ``--max-train`` / ``--bank-fraction`` keep a seeded
+    subset of the training images (``indices``: rows of the bank -> images of the training set),
+    ``--max-ood`` one of each OOD set (ODIN's forward passes go through here too, so they see
+    the same images in the same order)."""
     keep = None
     if split in ('train', 'test') and spec.name == 'path':
         folder = args.in_train if split == 'train' else args.in_test
@@ -222,6 +228,13 @@ def split_dataset(args, spec, split, transform, id_classes, log=print):
         if size < len(dataset):
             rng = np.random.default_rng(0)
             keep = np.sort(rng.choice(len(dataset), size, replace=False))
+            dataset = torch.utils.data.Subset(dataset, keep.tolist())
+    max_ood = getattr(args, 'max_ood', None)
+    if split not in ('train', 'test') and max_ood is not None:
+        if max_ood < 1:
+            raise UserError(f"--max-ood {max_ood}: give a positive number of images")
+        if max_ood < len(dataset):
+            keep = np.sort(np.random.default_rng(0).choice(len(dataset), max_ood, replace=False))
             dataset = torch.utils.data.Subset(dataset, keep.tolist())
     return dataset, keep
 

@@ -58,7 +58,8 @@ class MultiScaleKNN:
         self.bank_chunk = bank_chunk
         self.approx = approx or {}   # ApproxKNN's options with backend ivf / hnsw
 
-    def _select(self, feats):
+    def select(self, feats):
+        """[N, 6, C] features -> this method's scales, L2-normalised, float32: [N, M, C]."""
         feats = np.asarray(feats)
         if feats.ndim != 3 or feats.shape[1] != len(SCALES):
             raise ValueError(f"expected features [N, {len(SCALES)}, C], got {feats.shape}")
@@ -68,7 +69,7 @@ class MultiScaleKNN:
         """``bank_chunk`` (bank rows per chunk) streams the bank through the device instead of
         loading it whole: ``train_feats`` may then be a memory-mapped array of any size."""
         if self.backend in APPROX_BACKENDS:
-            bank = Bank(train_feats, self.idx) if self.bank_chunk else self._select(train_feats).reshape(
+            bank = Bank(train_feats, self.idx) if self.bank_chunk else self.select(train_feats).reshape(
                 -1, np.shape(train_feats)[-1])
             self.search = ApproxKNN(bank, self.backend, self.device, **self.approx)
             return self
@@ -76,7 +77,7 @@ class MultiScaleKNN:
             self.search = ExactKNN(Bank(train_feats, self.idx), self.device, mem_budget=self.mem_budget,
                                    k_max=self.k, bank_chunk=self.bank_chunk)
             return self
-        bank = self._select(train_feats)
+        bank = self.select(train_feats)
         self.search = ExactKNN(bank.reshape(-1, bank.shape[-1]), self.device, backend=self.backend,
                                mem_budget=self.mem_budget, k_max=self.k)  # [N·M, C]
         return self
@@ -84,7 +85,7 @@ class MultiScaleKNN:
     def score(self, feats, return_scale=False):
         """-> scores [Q]; with ``return_scale`` also the name of the scale that decided each
         score (the argmax over scales of −d_k), e.g. for the k-NN retrieval figure."""
-        q = self._select(feats)
+        q = self.select(feats)
         n, m, c = q.shape
         d = self.search.kth_distance(q.reshape(-1, c), self.k).reshape(n, m)   # [Q, M]
         scores = (-d).max(axis=1)

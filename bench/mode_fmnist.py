@@ -2,7 +2,7 @@
 
     python bench/mode_fmnist.py --seeds 0 --figures          # the main job (demo.sh), one seed
     python bench/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
-    python bench/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~1 h a seed here)
+    python bench/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~75 min a seed, 1 thread)
     python bench/mode_fmnist.py --preset full --seeds 1 2    # later; the summary covers every seed found
     python bench/mode_fmnist.py --released checkpoints       # no training: score the released checkpoints
 
@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util.errors import UserError
+
 FMNIST_CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot']
 NEAR = ['fashion-mnist-heldout']
 MODELS = ['Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*',
@@ -44,9 +46,14 @@ LOGIT_BASELINES = ['msp', 'energy', 'odin', 'vim', 'react']
 # convergence (issue 10): whole epochs over the 36,000 ID images and the full bank.
 PRESETS = {
     'demo': dict(epochs=4, steps_per_epoch=40, finetune_epochs=2, lr=0.1, finetune_lr=0.02, train_lr=0.1,
-                 max_train=6000, ce=False, baselines=False, probe_epochs=0),
-    'full': dict(epochs=10, steps_per_epoch=None, finetune_epochs=3, lr=0.1, finetune_lr=0.02, train_lr=0.1,
-                 max_train=None, ce=True, baselines=True, probe_epochs=5),
+                 max_train=6000, max_ood=None, ce=False, baselines=False, probe_epochs=0),
+    # 5 epochs: Base's loss is within 0.05 of its 10-epoch plateau by then (BENCHMARKS), and the
+    # ALPA models cost ~2.8x a Base step here. 3 fine-tune epochs of SupContrast's epoch-wise
+    # cosine (lr 0.75x, 0.25x, ~0 of --finetune-lr) bring the ALPA loss to ALPA-train's own
+    # plateau. max_ood 4000 keeps the held-out classes whole (4,000 test images) and scores
+    # 4,000 of each 10,000-image noise set.
+    'full': dict(epochs=5, steps_per_epoch=None, finetune_epochs=3, lr=0.1, finetune_lr=0.02, train_lr=0.1,
+                 max_train=None, max_ood=4000, ce=True, baselines=True, probe_epochs=3),
 }
 
 
@@ -72,6 +79,8 @@ def get_args_parser():
     p.add_argument('--train-lr', type=float, default=None, help='ALPA-train learning rate (default: the preset\'s)')
     p.add_argument('--max-train', type=int, default=None,
                    help='ID training images in the k-NN bank (default: the preset\'s; demo 6000, full all)')
+    p.add_argument('--max-ood', type=int, default=None,
+                   help='images scored per OOD set, a seeded subset (default: the preset\'s; demo all, full 4000)')
     p.add_argument('--data-root', default='datasets', help='data root (default ./datasets)')
     p.add_argument('--out-dir', default='runs/fmnist', help='checkpoints, caches, tables, figures (default ./runs/fmnist)')
     p.add_argument('--device', default=None, help='cpu or cuda (default cuda when present)')
@@ -83,11 +92,14 @@ def get_args_parser():
     p.add_argument('--figures', action='store_true', help='also draw histograms, ROC, t-SNE and k-NN grids (first seed)')
     p.add_argument('--download', action='store_true', help='let torchvision download Fashion-MNIST if missing')
     p.add_argument('--probe-epochs', type=int, default=None,
-                   help='linear-probe epochs for the SupCon encoders (0: no probe; default: the preset\'s, full 5)')
+                   help='linear-probe epochs for the SupCon encoders (0: no probe; default: the preset\'s, full 3)')
     p.add_argument('--released', nargs='?', const='checkpoints', default=None, metavar='DIR',
                    help='no training: score the checkpoints listed in DIR/manifest.json (bench/release_checkpoints.py) '
                         'on the bank they were released with, print the same tables and figures, and compare with '
                         'the recorded results (DIR default ./checkpoints; --out-dir default then runs/fmnist_released)')
+    p.add_argument('--summary-only', action='store_true',
+                   help='no training or scoring: the table over every seed under --out-dir made with this '
+                        'protocol (the same preset and flags) and this code')
     p.add_argument('--baselines', action=argparse.BooleanOptionalAction, default=None,
                    help='also the ablation rows and the post-hoc baselines (default: the preset\'s, on for full)')
     return p
@@ -158,11 +170,15 @@ def probe(args, seed, mode, ckp):
 
 
 def methods_for(args, mode):
+    """The ablation rows for the SupCon models (the paper's ablation); KNN and CSD and the
+    logit baselines for the CE models; the logit baselines alone for the linear probes."""
     if not args.baselines:
         return METHODS
     if mode.endswith('+probe'):
         return LOGIT_BASELINES
-    return ABLATIONS + FEATURE_BASELINES + (LOGIT_BASELINES if mode in ('CE', 'ALPA-finetune*') else [])
+    if mode in ('CE', 'ALPA-finetune*'):
+        return METHODS + FEATURE_BASELINES + LOGIT_BASELINES
+    return ABLATIONS + FEATURE_BASELINES
 
 
 def score(args, seed, mode, ckp):
@@ -173,6 +189,8 @@ def score(args, seed, mode, ckp):
             '--search', args.search, '--dtype', 'fp32']
     if args.max_train:
         argv += ['--max-train', str(args.max_train)]
+    if args.max_ood:
+        argv += ['--max-ood', str(args.max_ood)]
     if args.device:
         argv += ['--device', args.device]
     return csd_cli.main(csd_cli.get_args_parser().parse_args(argv))
@@ -181,7 +199,7 @@ def score(args, seed, mode, ckp):
 def protocol_config(args):
     """What makes two seeds' results comparable: every knob but the seeds, paths and workers."""
     from util.fingerprint import code_hash
-    skip = {'seeds', 'out_dir', 'data_root', 'num_workers', 'device', 'figures', 'download', 'search'}
+    skip = {'seeds', 'out_dir', 'data_root', 'num_workers', 'device', 'figures', 'download', 'search', 'summary_only'}
     config = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     config['code'] = code_hash(('ALPA', 'CSD', 'util', 'bench/mode_fmnist.py'))   # never merge old code's numbers
     return config
@@ -312,6 +330,7 @@ def score_released(args):
     manifest = json.loads((Path(args.released) / 'manifest.json').read_text())
     entries = manifest['checkpoints']
     args.max_train = entries[0]['max_train']
+    args.max_ood = entries[0].get('max_ood')
     seed, scored, per_seed, t0 = manifest['seed'], {}, {}, time.perf_counter()
     print(f"[mode_fmnist] scoring {len(entries)} released checkpoints from {args.released} "
           f"(commit {manifest['commit']}), bank {args.max_train or 'all'} images")
@@ -342,7 +361,7 @@ def main(args):
         return score_released(args)
     t_start = time.perf_counter()
     per_seed, timings = {}, {}
-    for seed in args.seeds:
+    for seed in ([] if args.summary_only else args.seeds):
         per_seed[seed], scored = {}, {}
         t0 = time.perf_counter()
         base = train(args, seed, 'Base')
@@ -376,6 +395,8 @@ def main(args):
         seed_file.parent.mkdir(parents=True, exist_ok=True)
         seed_file.write_text(json.dumps({'config': protocol_config(args), 'results': per_seed[seed]}, indent=1))
     per_seed = merge_seeds(args, per_seed)
+    if not per_seed:
+        raise UserError(f"--summary-only: no seed*/results.json under {args.out_dir} made with this protocol and code")
     text, md = format_summary(summary_rows(per_seed, args.far), len(per_seed), args.far)
     print('\n' + text)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -9,8 +9,8 @@ optimizer, GradScaler, RNG and step state (the model, the ALPA attention when th
 stay), written atomically to ``<dest>/fmnist_<model>_seed<seed>.pth``. ``manifest.json`` lists
 each with its sha256, the command that trained and scored it, the machine, its ID accuracy
 and the KNN and CSD results (×100) that ``bench/mode_fmnist.py`` printed for it, with the
-bank they were scored on (``max_train``: null = all 36,000 ID training images) and the
-command that re-scores it.
+bank they were scored on (``max_train``: null = all 36,000 ID training images), the OOD
+subset size (``max_ood``: null = every image of each OOD set) and the command that re-scores it.
 """
 import argparse
 import json
@@ -62,7 +62,7 @@ def main(argv=None):
         file = dest / f"fmnist_{slug(mode)}_seed{args.seed}.pth"
         save_checkpoint(stripped, str(file))
         name = f'seed{args.seed}-{slug(mode)}'
-        results, id_acc, max_train, ks = {}, None, None, {}
+        results, id_acc, max_train, max_ood, ks = {}, None, None, None, {}
         for method in ('knn', 'csd'):
             js = sorted((out / 'results' / 'fashion-mnist' / name).glob(f'{method}_k*.json'))
             if len(js) != 1:
@@ -73,6 +73,7 @@ def main(argv=None):
             ks[method] = saved['meta']['k']
             id_acc = saved['meta']['id_accuracy']
             n_train = saved['meta']['n_train']
+            max_ood = saved['meta'].get('max_ood')
             if 'args' in summary:
                 max_train = n_train if summary['args'].get('max_train') else None
             else:   # no summary (the models were scored on their own): the full bank is 36,000 images
@@ -80,13 +81,13 @@ def main(argv=None):
         oods = list(results['knn'])   # the rows that were scored (NEAR + far when the whole preset ran)
         rescore = (f"python CSD/CSD.py --in-dataset fashion-mnist --ckp {file.as_posix()} --method knn csd "
                    f"--k {ks['knn']} {ks['csd']} --dtype fp32 --out-datasets {' '.join(oods)}"
-                   + (f" --max-train {max_train}" if max_train else ''))
+                   + (f" --max-train {max_train}" if max_train else '') + (f" --max-ood {max_ood}" if max_ood else ''))
         entries.append({'name': mode, 'file': file.name, 'sha256': file_sha256(str(file)),
                         'bytes': file.stat().st_size, 'arch': stripped['arch'], 'epoch': stripped.get('epoch'),
                         'command': f"{command}   # at commit {args.commit}; this model: {out}/seed{args.seed}/{slug(mode)}",
                         'rescore_command': rescore, 'machine': machine(),
                         'id_accuracy': {'how': id_acc['how'], 'percent': round(100 * id_acc['value'], 2)},
-                        'max_train': max_train, 'k': ks, 'results': results})
+                        'max_train': max_train, 'max_ood': max_ood, 'k': ks, 'results': results})
         print(f"{file}: {entries[-1]['sha256'][:12]}..., {entries[-1]['bytes'] / 1e6:.1f} MB, ID accuracy "
               f"{entries[-1]['id_accuracy']['percent']}% ({id_acc['how']})")
     manifest = {'protocol': 'Fashion-MNIST, ID classes 0-5 (bench/mode_fmnist.py); OOD rows as listed: held-out '

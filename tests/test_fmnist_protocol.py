@@ -4,6 +4,7 @@ import os
 import pytest
 
 from bench import mode_fmnist
+from util.errors import UserError
 from tests.fixtures import write_fashion_mnist
 
 
@@ -39,7 +40,8 @@ def test_mode_fmnist_end_to_end(fmnist_root, tmp_path, capsys):
 def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, tmp_path, capsys):
     common = ['--preset', 'full', '--width', '4', '--batch-size', '8', '--epochs', '1', '--steps-per-epoch', '2',
               '--finetune-epochs', '1', '--max-train', '60', '--data-root', str(fmnist_root), '--out-dir', str(tmp_path),
-              '--device', 'cpu', '--num-workers', '0', '--far', 'digits', '--precision', 'fp32', '--probe-epochs', '1']
+              '--device', 'cpu', '--num-workers', '0', '--far', 'digits', '--precision', 'fp32', '--probe-epochs', '1',
+              '--max-ood', '40']
     mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--seeds', '0', *common]))
     capsys.readouterr()
     per_seed = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--seeds', '1', *common]))
@@ -52,6 +54,13 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     assert {('CE', 'knn'), ('CE', 'energy'), ('CE', 'odin'), ('ALPA-finetune*', 'csd'), ('Base', 'global+center'),
             ('Base', 'local'), ('Base', 'mahalanobis'), ('ALPA-train', 'ssd'), ('Base +probe', 'vim')} <= rows
     assert 'over 2 seed(s)' in out
+    table = [line for line in out.splitlines() if line.count('±') == 4]
+    again = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--summary-only', *common]))
+    out2 = capsys.readouterr().out
+    assert again == per_seed and [line for line in out2.splitlines() if line.count('±') == 4] == table
+    assert '[cache]' not in out2 and 'written: ' not in out2.split('seed 1: results')[0]   # nothing scored
+    with pytest.raises(UserError, match='--summary-only: no seed'):
+        mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--summary-only', *common, '--max-ood', '41']))
     # the release of seed 0 (stripped checkpoints + manifest), then --released re-scores them
     from bench import release_checkpoints
     dest = tmp_path / 'released'
@@ -60,6 +69,7 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     assert [e['name'] for e in manifest['checkpoints']] == ['Base', 'ALPA-finetune', 'ALPA-train', 'CE']
     base = manifest['checkpoints'][0]
     assert base['max_train'] == 60 and '--max-train 60' in base['rescore_command']
+    assert base['max_ood'] == 40 and '--max-ood 40' in base['rescore_command']
     assert base['results']['csd']['digits']['AUROC'] == pytest.approx(
         100 * per_seed[0]['Base']['csd']['digits']['AUROC'], abs=1e-3)
     capsys.readouterr()

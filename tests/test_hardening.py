@@ -463,6 +463,12 @@ def test_cache_key_covers_every_input():
     # max_train only changes the bank
     assert feature_collect.cache_key(**{**base, 'split': 'SVHN', 'max_train': 10}) == \
         feature_collect.cache_key(**{**base, 'split': 'SVHN'})
+    # max_ood only changes the OOD sets
+    assert feature_collect.cache_key(**{**base, 'split': 'SVHN', 'max_ood': 10}) != \
+        feature_collect.cache_key(**{**base, 'split': 'SVHN'})
+    assert feature_collect.cache_key(**{**base, 'max_ood': 10}) == key
+    assert feature_collect.cache_key(**{**base, 'split': 'test', 'max_ood': 10}) == \
+        feature_collect.cache_key(**{**base, 'split': 'test'})
 
 
 def test_cache_is_recomputed_when_id_classes_transform_or_data_change(data_root, ckpts, tmp_path, capsys,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from util import store as store_lib
+from util.data import collate_skip_none
 from util.features import collect_features
 from util.networks import SupConResNet
 
@@ -88,7 +89,7 @@ def test_unreadable_images_are_dropped_with_their_bank_indices(tmp_path):
     assert out['meta']['n'] == len(good) and out['meta']['skipped'] == 9
     np.testing.assert_array_equal(out['indices'], keep[good])
     ref = collect_features(tiny_model(), torch.utils.data.DataLoader(
-        Images(20), batch_size=8, collate_fn=store_lib._collate), 'cpu')
+        Images(20), batch_size=8, collate_fn=collate_skip_none), 'cpu')
     np.testing.assert_array_equal(out['labels'], ref['labels'][good])
     np.testing.assert_allclose(out['features'], ref['features'][good], rtol=1e-5, atol=1e-6)
 

@@ -57,6 +57,30 @@ def test_cli_bank_chunk_and_bank_fraction(data_root, tmp_path):
     np.testing.assert_array_equal(frac[0]['features'], whole['splits']['train']['features'][frac[0]['indices']])
 
 
+def test_cli_max_ood_scores_a_seeded_subset_of_each_ood_set(data_root, tmp_path, capsys):
+    from CSD import CSD as csd_cli
+    from tests.test_e2e_csd import authors_checkpoint
+    authors_checkpoint(tmp_path / 'ck.pth')
+    base = ['--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ck.pth'), '--data-root', str(data_root),
+            '--output-dir', str(tmp_path / 'res'), '--num-workers', '0', '--device', 'cpu',
+            '--out-datasets', 'SVHN', 'dtd', '--method', 'knn', '--k', '3', '--search', 'torch']
+    whole = csd_cli.main(csd_cli.get_args_parser().parse_args(base + ['--cache-dir', str(tmp_path / 'c')]))
+    n_svhn, n_dtd = (len(whole['splits'][n]['features']) for n in ('SVHN', 'dtd'))
+    assert min(n_svhn, n_dtd) > 5
+    capsys.readouterr()
+    runs = [csd_cli.main(csd_cli.get_args_parser().parse_args(base + ['--max-ood', '5', '--cache-dir', str(tmp_path / c)]))
+            for c in ('c', 'c2')]   # 'c': the full sets are cached there, the subsets must not be read from them
+    out = capsys.readouterr().out
+    assert '--max-ood 5: each OOD set is a seeded subset (SVHN 5, dtd 5 images)' in out
+    for name in ('SVHN', 'dtd'):
+        sub = [r['splits'][name] for r in runs]
+        assert len(sub[0]['features']) == 5 and np.array_equal(sub[0]['indices'], sub[1]['indices'])
+        np.testing.assert_array_equal(sub[0]['features'], whole['splits'][name]['features'][sub[0]['indices']])
+        np.testing.assert_allclose(runs[0]['scores']['knn'][1][name],
+                                   whole['scores']['knn'][1][name][sub[0]['indices']], atol=1e-6)
+    np.testing.assert_allclose(runs[0]['scores']['knn'][0], whole['scores']['knn'][0], atol=1e-6)   # ID untouched
+
+
 def test_distance_check_warns_only_when_id_looks_like_ood():
     from CSD.CSD import distance_check
     line, warning = distance_check(-np.full(10, 0.2), {'SVHN': -np.full(5, 0.9), 'dtd': -np.full(5, 1.1)})

@@ -24,6 +24,13 @@ def _faiss_gpu_available():
     return faiss is not None and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
 
 
+def gpu_resources():
+    """A faiss ``StandardGpuResources``, after torch hands its cached blocks back (faiss
+    allocates its scratch memory outside torch's caching allocator)."""
+    torch.cuda.empty_cache()
+    return faiss.StandardGpuResources()
+
+
 
 FAISS_GPU_MAX_K = 2048   # faiss's GPU k-selection stops here; larger k goes to the torch backend
 
@@ -108,8 +115,7 @@ class ExactKNN:
             raise UserError("faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12 on CUDA)")
         index = faiss.IndexFlatL2(self.dim)
         if self.device.type == 'cuda':
-            torch.cuda.empty_cache()  # hand torch's cached blocks back before faiss allocates
-            self._res = faiss.StandardGpuResources()
+            self._res = gpu_resources()
             index = faiss.index_cpu_to_gpu(self._res, self.device.index or 0, index)
             self.backend = 'faiss-gpu'
         else:
@@ -193,8 +199,7 @@ class ExactKNN:
 
     def _gpu_resources(self):
         if getattr(self, '_res', None) is None:
-            torch.cuda.empty_cache()
-            self._res = faiss.StandardGpuResources()
+            self._res = gpu_resources()
         return self._res
 
     def _torch_search(self, q, k, need_indices):
@@ -249,8 +254,7 @@ class ApproxKNN:
         for a in range(0, self.n, step):
             index.add(rows(a, min(self.n, a + step)))
         if kind == 'ivf' and self.device.type == 'cuda' and _faiss_gpu_available():
-            torch.cuda.empty_cache()
-            self._res = faiss.StandardGpuResources()
+            self._res = gpu_resources()
             index = faiss.index_cpu_to_gpu(self._res, self.device.index or 0, index)
         self.index, self.backend = index, f'faiss-{kind}'
 

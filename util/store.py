@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from util import distributed as dist_lib
+from util.data import collate_skip_none
 from util.errors import UserError
 from util.features import exact_fp32, iter_features
 
@@ -174,7 +175,7 @@ def write_store(path, model, dataset, device, *, batch_size, num_workers=0, dtyp
         print(f"rank {rank}/{world}: {last - first} images ({getattr(dataset, 'name', path.name)})", flush=True)
     loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_sampler=BatchRuns(todo, batch_size, n),
                                          num_workers=num_workers, pin_memory=device.type == 'cuda',
-                                         collate_fn=_collate)
+                                         collate_fn=collate_skip_none)
     wide = STORE_DTYPES[dtype] == np.float16
     pending = []
 
@@ -216,11 +217,6 @@ def write_store(path, model, dataset, device, *, batch_size, num_workers=0, dtyp
         _finish(path, partial, state, indices, meta or {})
     _barrier()
     return load_store(path)
-
-
-def _collate(batch):
-    from util.data import collate_skip_none
-    return collate_skip_none(batch)
 
 
 def _finish(path, partial, state, indices, meta):
