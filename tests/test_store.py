@@ -153,3 +153,35 @@ def test_torchrun_two_processes_equal_one_process_byte_for_byte(data_root, tmp_p
                            timeout=300)
     assert score.returncode == 0, score.stderr[-3000:]
     assert score.stdout.count('CSD (k=3)') == 1 and score.stdout.count('[cache]') == 4, score.stdout
+
+
+def test_a_second_writer_waits_for_the_first_and_uses_its_store(tmp_path, monkeypatch):
+    """Two jobs asking for one store: the second waits on <store>.lock, then returns the
+    store the first finished without extracting anything itself."""
+    import fcntl
+    import threading
+    ds = Images(20)
+    ref = write(tmp_path / 'ref', ds, dtype='fp32')
+    target = tmp_path / 'shared'
+    held = open(tmp_path / 'shared.lock', 'a')
+    fcntl.flock(held, fcntl.LOCK_EX)                      # "the first job" holds the lock ...
+    logs, result = [], {}
+
+    def second():
+        result['store'] = store_lib.write_store(target, tiny_model(), ds, torch.device('cpu'), batch_size=8, key='k',
+                                                dtype='fp32', log=logs.append)
+
+    def no_extraction(*a, **k):
+        raise AssertionError('the waiting job extracted features itself')
+    monkeypatch.setattr(store_lib, 'iter_features', no_extraction)
+    t = threading.Thread(target=second)
+    t.start()
+    t.join(timeout=1.0)
+    assert t.is_alive() and any('another process is writing shared' in m for m in logs)
+    import shutil
+    shutil.copytree(tmp_path / 'ref', target)             # ... finishes the store and lets go
+    held.close()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    np.testing.assert_array_equal(result['store']['features'], ref['features'])
+    assert any('written meanwhile by another process' in m for m in logs)

@@ -20,6 +20,7 @@ takes a contiguous run of batches (no DistributedSampler padding: every image on
 resumes from its last complete block. The folder gets its real name (one rename) only once
 every batch is done: a reader never sees a half-written store.
 """
+import fcntl
 import json
 import math
 import os
@@ -144,7 +145,43 @@ def write_store(path, model, dataset, device, *, batch_size, num_workers=0, dtyp
     ``load_store(path)``. Under ``torchrun`` every process calls it with the same arguments
     and computes its own contiguous run of batches. ``indices``: the bank's rows -> images of
     the training set (kept for the readable images). ``stop_after``: stop after that many
-    batches of this process without finishing (the tests' interrupted run)."""
+    batches of this process without finishing (the tests' interrupted run).
+
+    Two jobs asking for the same store at once (two ``CSD.py`` runs sharing a cache) do not
+    both write it: the first holds ``<store>.lock`` (``flock``), the second waits for it and
+    then uses the finished store, or resumes what the first left."""
+    rank, world = dist_lib.rank(), dist_lib.world_size()
+    lock, waited = _lock(Path(path), log) if rank == 0 else (None, False)
+    try:
+        if waited and world == 1:
+            done = load_store(path)
+            if done is not None:   # another job finished it while this one waited
+                log(f"[features] {Path(path).name}: written meanwhile by another process")
+                return done
+        return _write_store(path, model, dataset, device, batch_size=batch_size, num_workers=num_workers,
+                            dtype=dtype, key=key, indices=indices, meta=meta, block=block, log=log,
+                            progress=progress, source=source, stop_after=stop_after)
+    finally:
+        if lock is not None:
+            lock.close()   # releases the flock; the empty lock file stays (unlinking it would race)
+
+
+def _lock(path, log):
+    """An exclusive ``flock`` on ``<store>.lock`` -> (the open file, whether it had to wait for
+    another process holding it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path.with_name(path.name + '.lock'), 'a')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f, False
+    except BlockingIOError:
+        log(f"[features] another process is writing {path.name}; waiting for it")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return f, True
+
+
+def _write_store(path, model, dataset, device, *, batch_size, num_workers, dtype, key, indices, meta, block, log,
+                 progress, source, stop_after):
     block = block or BLOCK
     if dtype not in STORE_DTYPES:
         raise UserError(f"--dtype {dtype!r}: give fp16 or fp32")
