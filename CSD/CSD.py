@@ -129,10 +129,14 @@ def approximation_check(splits, method, scorer, scores, ood_names, device, sampl
         a = cal_metric(approx_scores['test'], approx_scores[name])
         delta[name] = {'FPR': 100 * (a['FPR'] - e['FPR']), 'AUROC': 100 * (a['AUROC'] - e['AUROC'])}
     recall = hits / max(total, 1)
+    widened = getattr(scorer.search, 'widened', 0)
     line = (f"{scorer.search.describe}: recall@{scorer.k} {recall:.4f} against exact search on "
             f"{len(picks['test'])} ID test + up to {sample} images per OOD set; on that sample the approximation "
-            f"moved " + ', '.join(f"{n} FPR {d['FPR']:+.2f} AUROC {d['AUROC']:+.2f}" for n, d in delta.items()))
-    return line, {'describe': scorer.search.describe, 'recall': recall, 'sample': sample, 'delta': delta}
+            f"moved " + ', '.join(f"{n} FPR {d['FPR']:+.2f} AUROC {d['AUROC']:+.2f}" for n, d in delta.items())
+            + (f"; {widened} query vectors had fewer than k vectors in their lists and were probed wider"
+               if widened else ''))
+    return line, {'describe': scorer.search.describe, 'recall': recall, 'sample': sample, 'delta': delta,
+                  'widened': widened}
 
 
 K_GRID = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)

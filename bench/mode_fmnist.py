@@ -60,7 +60,8 @@ PRESETS = {
 def get_args_parser():
     p = argparse.ArgumentParser('MODE Fashion-MNIST protocol')
     p.add_argument('--preset', default='demo', choices=sorted(PRESETS),
-                   help="budgets: demo (the main job, minutes) or full (converged, about an hour a seed); default demo")
+                   help="budgets: demo (the main job, minutes) or full (converged; about 75 min a seed on one "
+                        "core here, see BENCHMARKS.md); default demo")
     p.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'],
                    help='training precision: auto = bf16 autocast + channels_last where the CPU/GPU runs bf16 '
                         'natively, else fp32 (features are always fp32); default auto')

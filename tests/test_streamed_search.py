@@ -123,6 +123,26 @@ def test_ivf_probing_every_list_is_exact_and_hnsw_finds_almost_all(tmp_path):
     np.testing.assert_allclose(a, build_score('csd', 5).fit(feats).score(feats[:9]), atol=1e-5)
 
 
+def test_ivf_queries_whose_lists_hold_fewer_than_k_vectors_are_probed_wider():
+    """nprobe 1 over 40 lists of ~10 vectors with k = 30: faiss returns -1 neighbours for every
+    query; those queries are searched again with more lists, so each k-th distance is a real
+    one (found on a real bank: nprobe 1 gave -inf scores and the metrics refused them)."""
+    from util.knn import ApproxKNN
+    rng = np.random.default_rng(5)
+    flat = l2_normalize(rng.standard_normal((400, 8)).astype(np.float32))
+    q = l2_normalize(rng.standard_normal((25, 8)).astype(np.float32))
+    ivf = ApproxKNN(flat, 'ivf', nlist=40, nprobe=1)
+    raw_d, raw_i = ivf.index.search(q, 30)
+    assert (raw_i < 0).any()                                   # the case: short lists
+    d, i = ivf.search(q, 30)
+    assert (i >= 0).all() and np.isfinite(d).all() and ivf.widened >= int((raw_i < 0).any(axis=1).sum())
+    assert ivf.index.nprobe == 1                               # restored for the next call
+    exact = brute_kth(flat, q, 30)
+    assert (d[:, -1] >= exact - 1e-5).all()                    # never closer than the true k-th neighbour
+    full = ApproxKNN(flat, 'ivf', nlist=40, nprobe=40)
+    np.testing.assert_allclose(full.kth_distance(q, 30), exact, rtol=1e-4, atol=1e-5)
+
+
 def test_cli_search_ivf_prints_recall_and_metric_change(data_root, tmp_path, capsys):
     import json
 

@@ -226,7 +226,9 @@ class ApproxKNN:
 
     - ``ivf``: ``IndexIVFFlat``, ``nlist`` lists (default 4·√N, at most N/39) trained with
       k-means on a seeded sample of at most 64·nlist bank vectors; ``nprobe`` lists searched
-      (default 32). On a CUDA device with faiss-gpu the index is moved to the GPU.
+      (default 32); a query whose probed lists hold fewer than k vectors is searched again with
+      twice the lists until it has k (counted in ``widened``). On a CUDA device with faiss-gpu
+      the index is moved to the GPU.
     - ``hnsw``: ``IndexHNSWFlat`` with ``m`` links per node (default 32), ``ef_search``
       candidates (default 128, raised to k when k is larger)."""
 
@@ -238,6 +240,7 @@ class ApproxKNN:
         stream = bank if isinstance(bank, Bank) else None
         self.n, self.dim = (bank.n, bank.dim) if stream else np.shape(bank)
         self.device, self.kind, self.ef_search = torch.device(device), kind, ef_search
+        self.widened = 0   # IVF queries whose nprobe lists held fewer than k vectors (then probed wider)
         rows = (lambda a, b: stream.rows(a, b)) if stream else (
             lambda a, b: np.ascontiguousarray(bank[a:b], dtype=np.float32))
         step = stream.per_image * max(1, (1 << 18) // stream.per_image) if stream else 1 << 18
@@ -276,10 +279,25 @@ class ApproxKNN:
             raise UserError(f"--k {k} is out of range: the bank holds {self.n} vectors, so 1 <= k <= {self.n}")
         if self.kind == 'hnsw':
             self.index.hnsw.efSearch = max(self.ef_search, k)
-        d, i = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        # fewer than k candidates found (an IVF probe of small lists): +inf, the farthest possible
-        d = np.where(i < 0, np.inf, d).astype(np.float32)
-        return d, (i if need_indices else None)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        d, i = self.index.search(q, k)
+        short = np.flatnonzero((i < 0).any(axis=1))
+        if len(short) and self.kind == 'ivf':
+            # The probed lists of these queries held fewer than k vectors: probe twice as many
+            # lists for them, up to all of them (exact), so every score is a real k-th distance.
+            self.widened += len(short)
+            nprobe = probe = self.index.nprobe
+            try:
+                while len(short) and probe < self.nlist:
+                    probe = min(self.nlist, 2 * probe)
+                    self.index.nprobe = probe
+                    d[short], i[short] = self.index.search(q[short], k)
+                    short = short[(i[short] < 0).any(axis=1)]
+            finally:
+                self.index.nprobe = nprobe
+        if len(short):
+            raise RuntimeError(f"{self.describe}: {len(short)} queries found fewer than {k} neighbours")
+        return d.astype(np.float32, copy=False), (i if need_indices else None)
 
 
 def knn_accuracy(bank, bank_labels, queries, labels, k, num_classes, device='cpu', backend='torch'):
