@@ -2,6 +2,7 @@
 
     python bench/bench_scale.py --bank 1000000 --dim 256 --queries 1000 --store /tmp/bank_1m_256
     python bench/bench_scale.py --bank 1000000 --dim 256 --store /tmp/bank_1m_256 --ivf 1 4 16 64
+    python bench/bench_scale.py --store CACHE/train-KEY --query-store CACHE/test-KEY --queries 6000 --ivf 1 4 32
 
 Writes (or reuses) ``--store``: a finished feature store (``util/store.py``'s layout:
 ``features.npy`` [bank/6, 6, dim] in ``--dtype``, fp16 by default as CSD.py's, plus
@@ -12,6 +13,11 @@ scores ``--queries`` × 6 query vectors with CSD (k = 10) through the code path 
 against the in-memory search on a subset of the bank, and prints the time and the peak
 anonymous memory above the baseline (RssAnon sampled every 20 ms; the bank's file pages are
 not counted: the kernel reclaims them as needed).
+
+``--query-store``: real features instead of synthetic ones. ``--store`` is then an existing
+store that ``CSD.py`` wrote (its training split: the bank) and the queries are the first
+``--queries`` images of the query store (e.g. the ID test split), so ``--ivf`` measures recall
+against speed on real features, where the inverted file's clusters mean something.
 """
 import argparse
 import os
@@ -76,7 +82,7 @@ def write_bank(store, images, dim, dtype, block=20_000):
 
 def main():
     p = argparse.ArgumentParser('streamed CSD over a disk-backed bank')
-    p.add_argument('--bank', type=int, required=True, help='bank vectors (6 per image)')
+    p.add_argument('--bank', type=int, default=None, help='bank vectors (6 per image); not with --query-store')
     p.add_argument('--dim', type=int, default=256, help='dimension (default 256)')
     p.add_argument('--queries', type=int, default=1000, help='query images, 6 vectors each (default 1000)')
     p.add_argument('--store', required=True, help='the bank\'s feature store (written once, then reused)')
@@ -88,6 +94,9 @@ def main():
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: every core)')
     p.add_argument('--bank-chunk', type=int, default=None, help='vectors per chunk (default: from free memory)')
     p.add_argument('--check-images', type=int, default=20_000, help='bank images of the in-memory check (default 20000)')
+    p.add_argument('--query-store', default=None,
+                   help='a real feature store (CSD.py cache) whose first --queries images are the queries; '
+                        '--store is then an existing real store (the bank) and is never written')
     p.add_argument('--compare', type=int, default=0,
                    help='also time in-memory vs streamed search on the first N bank images, alternating twice (default 0)')
     args = p.parse_args()
@@ -96,9 +105,19 @@ def main():
     from CSD.scoring import build_score
     from util.store import load_store
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    images = args.bank // 6
     store = load_store(args.store) if os.path.isdir(args.store) else None
-    if store is not None and store['features'].shape == (images, 6, args.dim) and store['meta']['dtype'] == args.dtype:
+    if args.query_store:
+        if store is None or load_store(args.query_store) is None:
+            raise SystemExit(f"--query-store: {args.store} and {args.query_store} must be finished feature stores")
+        images, args.dim, args.dtype = store['features'].shape[0], store['features'].shape[2], store['meta']['dtype']
+        print(f"real bank {args.store}: {images:,} images x 6 x {args.dim} ({args.dtype})")
+    elif args.bank is None:
+        raise SystemExit('give --bank N (a synthetic bank) or --query-store DIR (real features)')
+    else:
+        images = args.bank // 6
+    if args.query_store:
+        pass
+    elif store is not None and store['features'].shape == (images, 6, args.dim) and store['meta']['dtype'] == args.dtype:
         print(f"reusing {args.store}")
     else:
         t0 = time.perf_counter()
@@ -108,7 +127,11 @@ def main():
               f"in {time.perf_counter() - t0:.1f} s")
     bank = store['features']
     gib = bank.nbytes / 2**30
-    q = np.random.default_rng(1).standard_normal((args.queries, 6, args.dim), dtype=np.float32)
+    if args.query_store:
+        q = np.asarray(load_store(args.query_store)['features'][:args.queries], dtype=np.float32)
+        args.queries = len(q)
+    else:
+        q = np.random.default_rng(1).standard_normal((args.queries, 6, args.dim), dtype=np.float32)
     base = rss_anon_bytes()
     sampler = PeakAnon()
     t0 = time.perf_counter()
