@@ -52,14 +52,18 @@ def make_trainer(args, device, mode, amp, channels_last, compile_model=False):
     fmt = torch.channels_last if channels_last else torch.preserve_format
     net = build_model(f'{args.model}-supcon', width=args.width, in_channel=args.channels).to(device, memory_format=fmt)
     net.train()
-    if compile_model:
-        net = torch.compile(net)
     att = AttentionSimilarity(net.encoder.out_dim, 80).to(device) if mode != 'Base' else None
     params = list(net.parameters()) + (list(att.parameters()) if att is not None else [])
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     ns = argparse.Namespace(loss='supcon', temp=0.1, temperature_s=10.0, lam=1.0, amp=amp, amp_dtype='auto',
                             channels_last=channels_last, alpa_train=mode != 'Base', alpa_finetune=False)
-    return Trainer(ns, TrainForward(net), att, opt, device, None), opt
+    forward = TrainForward(net)
+    if compile_model:
+        # The step calls TrainForward, which calls net.forward_features/forward_head: compiling
+        # `net` itself would compile nothing the step runs (an OptimizedModule only wraps
+        # forward), so the module the step calls is the one compiled.
+        forward = torch.compile(forward)
+    return Trainer(ns, forward, att, opt, device, None), opt
 
 
 def time_steps(configs, images, labels, device, repeats):
