@@ -106,32 +106,29 @@ def main():
     from util.store import load_store
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     store = load_store(args.store) if os.path.isdir(args.store) else None
-    if args.query_store:
-        if store is None or load_store(args.query_store) is None:
+    if args.query_store:   # real features: both stores exist, nothing is written
+        queries = load_store(args.query_store)
+        if store is None or queries is None:
             raise SystemExit(f"--query-store: {args.store} and {args.query_store} must be finished feature stores")
         images, args.dim, args.dtype = store['features'].shape[0], store['features'].shape[2], store['meta']['dtype']
         print(f"real bank {args.store}: {images:,} images x 6 x {args.dim} ({args.dtype})")
-    elif args.bank is None:
-        raise SystemExit('give --bank N (a synthetic bank) or --query-store DIR (real features)')
-    else:
-        images = args.bank // 6
-    if args.query_store:
-        pass
-    elif store is not None and store['features'].shape == (images, 6, args.dim) and store['meta']['dtype'] == args.dtype:
-        print(f"reusing {args.store}")
-    else:
-        t0 = time.perf_counter()
-        write_bank(args.store, images, args.dim, args.dtype)
-        store = load_store(args.store)
-        print(f"wrote {args.store} ({store['features'].nbytes / 2**30:.2f} GiB, {args.dtype}) "
-              f"in {time.perf_counter() - t0:.1f} s")
-    bank = store['features']
-    gib = bank.nbytes / 2**30
-    if args.query_store:
-        q = np.asarray(load_store(args.query_store)['features'][:args.queries], dtype=np.float32)
+        q = np.asarray(queries['features'][:args.queries], dtype=np.float32)
         args.queries = len(q)
     else:
+        if args.bank is None:
+            raise SystemExit('give --bank N (a synthetic bank) or --query-store DIR (real features)')
+        images = args.bank // 6
+        if store is not None and store['features'].shape == (images, 6, args.dim) and store['meta']['dtype'] == args.dtype:
+            print(f"reusing {args.store}")
+        else:
+            t0 = time.perf_counter()
+            write_bank(args.store, images, args.dim, args.dtype)
+            store = load_store(args.store)
+            print(f"wrote {args.store} ({store['features'].nbytes / 2**30:.2f} GiB, {args.dtype}) "
+                  f"in {time.perf_counter() - t0:.1f} s")
         q = np.random.default_rng(1).standard_normal((args.queries, 6, args.dim), dtype=np.float32)
+    bank = store['features']
+    gib = bank.nbytes / 2**30
     base = rss_anon_bytes()
     sampler = PeakAnon()
     t0 = time.perf_counter()
