@@ -2,7 +2,7 @@
 
     python bench/mode_fmnist.py --seeds 0 --figures          # the main job (demo.sh), one seed
     python bench/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
-    python bench/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~75 min a seed, 1 thread)
+    python bench/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~2 h a seed, 1 thread)
     python bench/mode_fmnist.py --preset full --seeds 1 2    # later; the summary covers every seed found
     python bench/mode_fmnist.py --released checkpoints       # no training: score the released checkpoints
 
@@ -60,7 +60,7 @@ PRESETS = {
 def get_args_parser():
     p = argparse.ArgumentParser('MODE Fashion-MNIST protocol')
     p.add_argument('--preset', default='demo', choices=sorted(PRESETS),
-                   help="budgets: demo (the main job, minutes) or full (converged; about 75 min a seed on one "
+                   help="budgets: demo (the main job, minutes) or full (converged; about 2 h a seed on one "
                         "core here, see BENCHMARKS.md); default demo")
     p.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'],
                    help='training precision: auto = bf16 autocast + channels_last where the CPU/GPU runs bf16 '
@@ -402,8 +402,9 @@ def main(args):
     print('\n' + text)
     os.makedirs(args.out_dir, exist_ok=True)
     (Path(args.out_dir) / 'summary.md').write_text(md)
-    (Path(args.out_dir) / 'summary.json').write_text(json.dumps(
-        {'args': vars(args), 'per_seed': per_seed, 'timings_s': timings}, indent=2, default=str))
+    if not args.summary_only:   # summary.json keeps the args and timings of the run that trained
+        (Path(args.out_dir) / 'summary.json').write_text(json.dumps(
+            {'args': vars(args), 'per_seed': per_seed, 'timings_s': timings}, indent=2, default=str))
     total = time.perf_counter() - t_start
     print(f"\ntotal {total / 60:.1f} min; " + ', '.join(f'{k} {v:.0f}s' for k, v in timings.items()))
     print(f"written: {args.out_dir}/summary.md, summary.json, results/, figures/")

@@ -1,4 +1,5 @@
 """The main job's entry script end to end on a tiny Fashion-MNIST in the real IDX format."""
+import json
 import os
 
 import pytest
@@ -55,7 +56,9 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
             ('Base', 'local'), ('Base', 'mahalanobis'), ('ALPA-train', 'ssd'), ('Base +probe', 'vim')} <= rows
     assert 'over 2 seed(s)' in out
     table = [line for line in out.splitlines() if line.count('±') == 4]
+    timings = json.loads((tmp_path / 'summary.json').read_text())['timings_s']
     again = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--summary-only', *common]))
+    assert json.loads((tmp_path / 'summary.json').read_text())['timings_s'] == timings   # left as the run wrote it
     out2 = capsys.readouterr().out
     assert again == per_seed and [line for line in out2.splitlines() if line.count('±') == 4] == table
     assert '[cache]' not in out2 and 'written: ' not in out2.split('seed 1: results')[0]   # nothing scored
