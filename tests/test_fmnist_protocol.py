@@ -5,8 +5,8 @@ import os
 import pytest
 
 from bench import mode_fmnist
-from util.errors import UserError
 from tests.fixtures import write_fashion_mnist
+from util.errors import UserError
 
 
 @pytest.fixture(scope='module')
