@@ -226,17 +226,21 @@ def split_dataset(args, spec, split, transform, id_classes, log=print):
         size = min(args.max_train or len(dataset), max(1, round(args.bank_fraction * len(dataset)))
                    if args.bank_fraction else len(dataset))
         if size < len(dataset):
-            rng = np.random.default_rng(0)
-            keep = np.sort(rng.choice(len(dataset), size, replace=False))
-            dataset = torch.utils.data.Subset(dataset, keep.tolist())
+            dataset, keep = seeded_subset(dataset, size)
     max_ood = getattr(args, 'max_ood', None)
     if split not in ('train', 'test') and max_ood is not None:
         if max_ood < 1:
             raise UserError(f"--max-ood {max_ood}: give a positive number of images")
         if max_ood < len(dataset):
-            keep = np.sort(np.random.default_rng(0).choice(len(dataset), max_ood, replace=False))
-            dataset = torch.utils.data.Subset(dataset, keep.tolist())
+            dataset, keep = seeded_subset(dataset, max_ood)
     return dataset, keep
+
+
+def seeded_subset(dataset, size):
+    """The same ``size`` images of ``dataset`` on every run (seed 0), in dataset order ->
+    (Subset, their indices)."""
+    keep = np.sort(np.random.default_rng(0).choice(len(dataset), size, replace=False))
+    return torch.utils.data.Subset(dataset, keep.tolist()), keep
 
 
 def make_loader(args, dataset, device):

@@ -31,7 +31,6 @@ def gpu_resources():
     return faiss.StandardGpuResources()
 
 
-
 FAISS_GPU_MAX_K = 2048   # faiss's GPU k-selection stops here; larger k goes to the torch backend
 
 
