@@ -18,17 +18,24 @@ from util.networks import SupConResNet
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Images(torch.utils.data.Dataset):
-    """n seeded random 3×16×16 images; ``bad`` indices are unreadable (None); ``seen`` counts reads."""
+class Killed(BaseException):
+    """Stands for the job being killed mid-extraction (not an Exception: nothing may catch it)."""
 
-    def __init__(self, n, bad=(), seed=0):
+
+class Images(torch.utils.data.Dataset):
+    """n seeded random 3×16×16 images; ``bad`` indices are unreadable (None); ``seen`` counts reads;
+    reading index ``kill_at`` raises ``Killed``."""
+
+    def __init__(self, n, bad=(), seed=0, kill_at=None):
         self.x = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32))
-        self.bad, self.seen, self.name = set(bad), [], 'images'
+        self.bad, self.seen, self.name, self.kill_at = set(bad), [], 'images', kill_at
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, i):
+        if i == self.kill_at:
+            raise Killed(i)
         self.seen.append(i)
         return None if i in self.bad else (self.x[i], i % 5)
 
@@ -60,21 +67,28 @@ def test_interrupted_extraction_resumes_and_reads_every_image_once(tmp_path):
     ds = Images(60)                                                   # 8 batches of 8 (the last of 4)
     clean = write(tmp_path / 'clean', ds, dtype='fp32')
     ds.seen.clear()
-    assert write(tmp_path / 's', ds, dtype='fp32', block=2, stop_after=5) is None   # killed after batch 5
+    ds.kill_at = 40                                                   # killed while reading batch 6
+    with pytest.raises(Killed):
+        write(tmp_path / 's', ds, dtype='fp32', block=2)
     assert not (tmp_path / 's').exists() and (tmp_path / 's.partial').is_dir()     # never visible half-written
     assert store_lib.load_store(tmp_path / 's') is None
     done = np.load(tmp_path / 's.partial' / 'done.npy')
-    assert done.tolist() == [1] * 5 + [0] * 3                         # blocks of 2, the stop flushed the 5th
+    assert done.tolist() == [1] * 4 + [0] * 4                         # blocks of 2: batch 5 was not flushed
     ds.seen.clear()
+    ds.kill_at = None
     logs = []
     again = store_lib.write_store(tmp_path / 's', tiny_model(), ds, torch.device('cpu'), batch_size=8, key='k',
                                   dtype='fp32', log=logs.append)
-    assert 'resuming s: 5 of 8 batches already on disk' in logs[0]
-    assert sorted(set(ds.seen) - {0}) == list(range(40, 60))         # only the missing batches (+ the shape probe)
+    assert 'resuming s: 4 of 8 batches already on disk' in logs[0]
+    assert sorted(set(ds.seen) - {0}) == list(range(32, 60))         # only the missing batches (+ the shape probe)
     for part in ('features', 'labels'):
         np.testing.assert_array_equal(again[part], clean[part])
     # a partial store of other inputs (another key) is started over, not mixed in
-    write(tmp_path / 't', ds, dtype='fp32', stop_after=3)
+    ds.kill_at = 24
+    with pytest.raises(Killed):
+        write(tmp_path / 't', ds, dtype='fp32', block=1)
+    assert np.load(tmp_path / 't.partial' / 'done.npy').sum() == 3
+    ds.kill_at = None
     other = store_lib.write_store(tmp_path / 't', tiny_model(), ds, torch.device('cpu'), batch_size=8, key='other',
                                   dtype='fp32', log=logs.append)
     assert 'resuming t' not in ' '.join(logs)

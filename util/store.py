@@ -140,12 +140,12 @@ def _barrier():
 
 
 def write_store(path, model, dataset, device, *, batch_size, num_workers=0, dtype='fp16', key='', indices=None,
-                meta=None, block=None, log=print, progress=None, source='the model', stop_after=None):
+                meta=None, block=None, log=print, progress=None, source='the model'):
     """Extract ``dataset`` into the store at ``path`` (see the module docstring) and return
     ``load_store(path)``. Under ``torchrun`` every process calls it with the same arguments
     and computes its own contiguous run of batches. ``indices``: the bank's rows -> images of
-    the training set (kept for the readable images). ``stop_after``: stop after that many
-    batches of this process without finishing (the tests' interrupted run).
+    the training set (kept for the readable images). A killed run keeps every flushed
+    block of ``block`` batches; the next call with the same ``key`` resumes from there.
 
     Two jobs asking for the same store at once (two ``CSD.py`` runs sharing a cache) do not
     both write it: the first holds ``<store>.lock`` (``flock``), the second waits for it and
@@ -160,7 +160,7 @@ def write_store(path, model, dataset, device, *, batch_size, num_workers=0, dtyp
                 return done
         return _write_store(path, model, dataset, device, batch_size=batch_size, num_workers=num_workers,
                             dtype=dtype, key=key, indices=indices, meta=meta, block=block, log=log,
-                            progress=progress, source=source, stop_after=stop_after)
+                            progress=progress, source=source)
     finally:
         if lock is not None:
             lock.close()   # releases the flock; the empty lock file stays (unlinking it would race)
@@ -181,7 +181,7 @@ def _lock(path, log):
 
 
 def _write_store(path, model, dataset, device, *, batch_size, num_workers, dtype, key, indices, meta, block, log,
-                 progress, source, stop_after):
+                 progress, source):
     block = block or BLOCK
     if dtype not in STORE_DTYPES:
         raise UserError(f"--dtype {dtype!r}: give fp16 or fp32")
@@ -244,9 +244,6 @@ def _write_store(path, model, dataset, device, *, batch_size, num_workers, dtype
             pending.append(todo[j])
             if len(pending) >= block:
                 flush()
-            if stop_after is not None and j + 1 >= stop_after:
-                flush()
-                return None
         flush()
     arrays.clear()   # close the memory maps before the rename
     _barrier()
