@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ALPA import attention
 from ALPA.attention import AGGREGATIONS, AlignmentStats, AttentionSimilarity
 from ALPA.reference import reference_similarity
 
@@ -136,9 +137,14 @@ def test_dropout_changes_train_output_only():
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("tile", [None, 1, 2])
 @pytest.mark.parametrize("drop_prob", [0.0, 0.4])
-def test_alignment_stats_gradcheck(drop_prob):
-    """The hand-written backward, dropout included (the mask is re-drawn from one seed)."""
+def test_alignment_stats_gradcheck(drop_prob, tile, monkeypatch):
+    """The hand-written backward, dropout included (the mask is re-drawn from one seed), in
+    one tile and in tiles of 1 and 2 of the 3 sets b (the last one short)."""
+    if tile is not None:
+        monkeypatch.setattr(attention, "TILE_ELEMENTS", tile * 4 * 6)   # m = 4, X = 6
+        assert attention.tile_size(3, 4, 6, torch.device("cpu")) == tile
     gen = torch.Generator().manual_seed(0)
     num_x, num_b, m, d = 6, 3, 4, 5
     inputs = [torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -181,3 +187,31 @@ def test_zero_values_give_zero_similarity_and_finite_gradients():
     assert torch.equal(sim, torch.zeros_like(sim))
     for grad in torch.autograd.grad(sim.sum(), [fa, fb] + list(module.parameters())):
         assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("tile", [1, 3, 5])
+def test_tiles_give_the_one_tile_numbers(tile, monkeypatch):
+    """fp32 at the training shape's kind (4×4 maps, one set): tiles of 1, 3 and 5 of the 7
+    maps give the single tile's forward to the bit and its gradients to rounding."""
+    module = make("mean", 16, dtype=torch.float32)
+    fa = maps(7, 4, 4, torch.float32)
+    whole = module(fa)
+    whole_grads = grads(whole, [fa] + list(module.parameters()))
+    monkeypatch.setattr(attention, "TILE_ELEMENTS", tile * 16 * 7 * 16)
+    assert attention.tile_size(7, 16, 7 * 16, torch.device("cpu")) == tile
+    tiled = module(fa)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=0)
+    for g_tiled, g_whole in zip(grads(tiled, [fa] + list(module.parameters())), whole_grads):
+        torch.testing.assert_close(g_tiled, g_whole, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_two_sets_match_reference(monkeypatch):
+    monkeypatch.setattr(attention, "TILE_ELEMENTS", 2 * 4 * 5 * 4)   # 2 of the 3 maps b a tile
+    module = make("logsum", 8)
+    fa, fb = maps(5, 2, 2, seed=1), maps(3, 2, 2, seed=3)
+    assert_matches_reference(module, fa, fb, fb, atol=1e-7)
+
+
+def test_a_gpu_takes_one_tile():
+    assert attention.tile_size(256, 16, 4096, torch.device("cuda")) == 256
+    assert attention.tile_size(256, 16, 4096, torch.device("cpu")) == 8
