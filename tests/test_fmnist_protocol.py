@@ -62,6 +62,7 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     out2 = capsys.readouterr().out
     assert again == per_seed and [line for line in out2.splitlines() if line.count('±') == 4] == table
     assert '[cache]' not in out2 and 'written: ' not in out2.split('seed 1: results')[0]   # nothing scored
+    assert out2.rstrip().endswith(f'written: {tmp_path}/summary.md') and 'total ' not in out2   # nor timed
     with pytest.raises(UserError, match='--summary-only: no seed'):
         mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--summary-only', *common, '--max-ood', '41']))
     # the release of seed 0 (stripped checkpoints + manifest), then --released re-scores them
