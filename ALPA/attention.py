@@ -145,8 +145,8 @@ class AlignmentStats(torch.autograd.Function):
 
 # The CPU works through AlignmentStats' [Nb, m, X] tensors a few b at a time, so that each
 # tile (~2 MB in fp32) stays in cache across the eight passes over it; 1.5x faster than
-# whole-tensor passes at 2B = 256 views of 4x4 maps, with the same numbers (forward bit-equal;
-# the gradients of A's tokens are summed tile by tile). A GPU takes the whole tensor at once.
+# whole-tensor passes at 2B = 256 views of 4x4 maps, with the same arithmetic (forward
+# bit-equal; the gradients of A's tokens are summed tile by tile, equal to rounding). A GPU takes the whole tensor at once.
 TILE_ELEMENTS = 1 << 19
 
 

@@ -11,6 +11,8 @@ labels after loading. Paths follow ``datasets/README.md`` with ``root`` standing
     write_imagenet(root)         root/imagenet/{train,val}/<wnid>/*.JPEG
     write_svhn_mat(path)         an SVHN .mat (X 32x32x3xN, y Nx1)
     write_image_folder(path, n)  n image files, flat or in class subfolders
+
+``Killed`` is the exception the interrupted-run tests raise from inside a job.
 """
 import gzip
 import os
@@ -19,6 +21,11 @@ import struct
 
 import numpy as np
 from PIL import Image
+
+
+class Killed(BaseException):
+    """Stands for the job being killed mid-run (a BaseException, so no ``except Exception`` in
+    the code under test can swallow it)."""
 
 
 def _cifar_split(rng, n_per_class, num_classes):

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from CSD import feature_collect
-from tests.fixtures import tiny_train_argv, write_image_folder, write_svhn_mat, write_truncated_image
+from tests.fixtures import Killed, tiny_train_argv, write_image_folder, write_svhn_mat, write_truncated_image
 from tests.test_e2e_csd import authors_checkpoint
 from util import ood as ood_lib
 from util.checkpoint import read_checkpoint, save_checkpoint
@@ -386,10 +386,6 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
 
 
 # ---------------------------------------------------------------- 5. interrupted feature collection
-class Killed(Exception):
-    pass
-
-
 def _assert_splits_equal(a, b):
     assert set(a) == set(b)
     for name in a:

@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures import Killed
 from util import store as store_lib
 from util.data import collate_skip_none
 from util.features import collect_features
 from util.networks import SupConResNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Killed(BaseException):
-    """Stands for the job being killed mid-extraction (not an Exception: nothing may catch it)."""
 
 
 class Images(torch.utils.data.Dataset):
