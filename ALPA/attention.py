@@ -20,7 +20,7 @@ so a whole direction is two [Nb·HW, d] × [d, Na·HW] GEMMs (logits, G) plus on
 HW×HW product, all exact (``AlignmentStats``). When both sets are the same tensor (the
 training call) the second direction is the first one transposed and is not recomputed.
 At 2B = 256 views of 4×4×512 maps, forward+backward of similarity and loss peaks at
-~0.33 GB instead of ~5.5 GB and runs ~25× faster on two CPU cores (``bench/bench_alpa.py``).
+~0.21 GB instead of ~5.4 GB and runs ~26× faster on two CPU cores (``bench/bench_alpa.py``).
 """
 import math
 

@@ -50,7 +50,7 @@ PRESETS = {
     'demo': dict(epochs=4, steps_per_epoch=40, finetune_epochs=2, lr=0.1, finetune_lr=0.02, train_lr=0.1,
                  max_train=6000, max_ood=4000, ce=False, baselines=False, probe_epochs=0),
     # 5 epochs: Base's loss is within 0.05 of its 10-epoch plateau by then (BENCHMARKS), and the
-    # ALPA models cost ~2.8x a Base step here. 3 fine-tune epochs of SupContrast's epoch-wise
+    # ALPA models cost 2.1-2.8x a Base step here. 3 fine-tune epochs of SupContrast's epoch-wise
     # cosine (lr 0.75x, 0.25x, ~0 of --finetune-lr) bring the ALPA loss to ALPA-train's own
     # plateau.
     'full': dict(epochs=5, steps_per_epoch=None, finetune_epochs=3, lr=0.1, finetune_lr=0.02, train_lr=0.1,
