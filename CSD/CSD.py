@@ -40,6 +40,10 @@ def get_args_parser():
                              'energy mahalanobis vim react ssd odin (CSD/baselines.py; logit-based ones need a CE or '
                              'linear-probe checkpoint; odin runs its own forward passes) (default: knn csd)')
     parser.add_argument('--odin-temperature', type=float, default=1000.0, help='ODIN temperature T (default 1000)')
+    parser.add_argument('--odin-batch-size', type=int, default=None,
+                        help='images per ODIN forward/backward pass (its autograd graph is the memory peak; halved '
+                             'by itself after an out-of-memory error; scores do not depend on it) (default '
+                             '--batch-size)')
     parser.add_argument('--odin-epsilon', type=float, default=0.0014,
                         help='ODIN input perturbation ε, in pixel units (default 0.0014)')
     parser.add_argument('--near', nargs='+', default=None,
@@ -201,7 +205,8 @@ def odin_splits(args, model, info, spec, device, splits):
         dataset, _ = feature_collect.split_dataset(args, spec, name, transform, id_classes)
         label = feature_collect.split_label(name)
         loader = feature_collect.make_loader(args, dataset, device)
-        scores = baselines.odin_scores(model, loader, device, std, args.odin_temperature, args.odin_epsilon)
+        scores = baselines.odin_scores(model, loader, device, std, args.odin_temperature, args.odin_epsilon,
+                                       batch_size=args.odin_batch_size)
         splits[label] = {**splits[label], 'odin': scores}
 
 
@@ -254,7 +259,7 @@ def main(args):
         args.out_datasets = [*reported, args.k_val_ood]
     splits = feature_collect.get_splits(args, model, info, spec, device)
     if dist_lib.is_dist():   # under torchrun the processes shared the extraction; rank 0 scores
-        torch.distributed.destroy_process_group()
+        dist_lib.shutdown()
         if dist_lib.rank_from_env() != 0:
             return None
     if 'odin' in methods:
@@ -326,6 +331,7 @@ def main(args):
         print(f"written: {', '.join(files)}")
         all_results[method] = results
         all_scores[method] = scores
+        del scorer   # the next method's index is built after this one is gone (a faiss GPU index holds GPU memory)
     return {'results': all_results, 'scores': all_scores, 'splits': splits, 'out_dir': str(out_dir)}
 
 

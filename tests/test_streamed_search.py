@@ -179,7 +179,7 @@ def test_streamed_search_through_faiss_knn_gpu_merges_exactly(monkeypatch):
         return np.take_along_axis(d, i, 1).astype(np.float32), i.astype(np.int64)
     monkeypatch.setattr(knn_lib.faiss, 'knn_gpu', fake_knn_gpu, raising=False)
     monkeypatch.setattr(knn_lib.ExactKNN, '_use_knn_gpu', lambda self, k: True)
-    monkeypatch.setattr(knn_lib.ExactKNN, '_gpu_resources', lambda self: None)
+    monkeypatch.setattr(knn_lib, 'gpu_resources', lambda: None)
     rng = np.random.default_rng(1)
     feats = rng.standard_normal((50, 6, 8)).astype(np.float32)
     q = l2_normalize(rng.standard_normal((20, 8)).astype(np.float32))
@@ -189,3 +189,38 @@ def test_streamed_search_through_faiss_knn_gpu_merges_exactly(monkeypatch):
         np.testing.assert_allclose(d[:, -1], brute_kth(flat, q, 9), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(((q[:, None] - flat[i]) ** 2).sum(-1), d, rtol=1e-4, atol=1e-5)
     assert calls and max(calls) <= 300
+
+
+class CountingArray:
+    """A read-only [N, 6, C] array that counts what is read from it (calls and numbers)."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.dtype, self.reads, self.numbers = a, a.shape, a.dtype, 0, 0
+
+    def __getitem__(self, key):
+        out = np.asarray(self.a[key])
+        self.reads += 1
+        self.numbers += out.size
+        return out
+
+
+@pytest.mark.parametrize('method, scales', [('csd', 6), ('knn', 1), ('global+center', 2)])
+def test_streamed_search_reads_each_bank_chunk_once_per_split(method, scales):
+    """More queries than one query chunk (16,384 rows), and the bank is still read once: one
+    read per bank chunk, of this method's scales only (the KNN bank: 1 of the 6)."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((240, 6, 8)).astype(np.float16)
+    q = rng.standard_normal((3000, 6, 8)).astype(np.float32)   # 18,000 CSD query vectors
+    bank = CountingArray(feats)
+    scorer = build_score(method, 5, bank_chunk=60 * scales).fit(bank)
+    reads_to_fit = bank.reads, bank.numbers
+    got = scorer.score(q)
+    assert bank.reads - reads_to_fit[0] == 240 * scales // (60 * scales)         # 4 chunks, each read once
+    assert bank.numbers - reads_to_fit[1] == 240 * scales * 8                    # only the method's scales
+    np.testing.assert_allclose(got, build_score(method, 5).fit(feats.astype(np.float32)).score(q), atol=1e-5)
+    # a group of queries limited by memory reads the bank once per group, and gives the same answers
+    few = build_score(method, 5, bank_chunk=60 * scales).fit(bank)
+    few.search.query_rows = lambda k: 1000
+    before = bank.reads
+    np.testing.assert_array_equal(few.score(q), got)
+    assert bank.reads - before == 4 * -(-3000 * scales // 1000)

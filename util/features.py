@@ -1,6 +1,7 @@
 """Multi-scale features (PAPER §2) and the one feature-extraction loop every score uses."""
 import contextlib
 import math
+import os
 import warnings
 
 import numpy as np
@@ -39,19 +40,33 @@ def l2_normalize(x, axis=-1):
     return x / (np.linalg.norm(x, axis=axis, keepdims=True) + 1e-10)
 
 
+TF32_OVERRIDE_ENV = 'TORCH_ALLOW_TF32_CUBLAS_OVERRIDE'
+_warned_override = []
+
+
 @contextlib.contextmanager
 def exact_fp32(device):
-    """TF32 off for cuDNN convolutions and CUDA matmuls (on by default for convolutions on
-    Ampere and later), restored afterwards: test-time features are fp32 on every device."""
+    """TF32 off for cuDNN convolutions and CUDA matmuls, restored afterwards: test-time
+    features and the "exact" k-NN distances are fp32 on every device, whatever the caller set
+    (``allow_tf32``, ``torch.set_float32_matmul_precision('high')``, or the newer
+    ``fp32_precision`` attributes). Only the ``fp32_precision`` API is read and written:
+    torch 2.14 raises when the legacy and the new API are mixed, so reading ``allow_tf32``
+    here would break a caller who uses the new one. ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``
+    forces TF32 inside cuBLAS where no flag can undo it: said once, as a warning."""
     if torch.device(device).type != 'cuda':
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if os.environ.get(TF32_OVERRIDE_ENV, '') not in ('', '0') and not _warned_override:
+        _warned_override.append(True)
+        warnings.warn(f"{TF32_OVERRIDE_ENV} is set: cuBLAS matmuls (features, k-NN distances) run in TF32 "
+                      f"whatever this code asks, so they are not exact fp32; unset it for reproducible numbers")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def collect_features(model, loader, device, with_logits=None, progress=None, source='the model'):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from util.errors import UserError
+from util.features import exact_fp32
 
 try:
     import faiss
@@ -24,11 +25,23 @@ def _faiss_gpu_available():
     return faiss is not None and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
 
 
+_GPU_RESOURCES = []
+
+
 def gpu_resources():
-    """A faiss ``StandardGpuResources``, after torch hands its cached blocks back (faiss
-    allocates its scratch memory outside torch's caching allocator)."""
-    torch.cuda.empty_cache()
-    return faiss.StandardGpuResources()
+    """The process's one faiss ``StandardGpuResources`` (each holds its own scratch memory and
+    streams, so one per index would multiply them), made the first time after torch hands its
+    cached blocks back (faiss allocates outside torch's caching allocator)."""
+    if not _GPU_RESOURCES:
+        torch.cuda.empty_cache()
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
+
+
+def squared_norms(x, rows=1 << 16):
+    """‖x_i‖² of [N, D] ``x``, block by block: ``(x * x).sum(1)`` at once would hold a second
+    [N, D] copy of the bank for a moment. Same numbers (each row's sum is the same kernel)."""
+    return torch.cat([(b * b).sum(1) for b in x.split(rows)]) if len(x) else x.new_zeros(0)
 
 
 FAISS_GPU_MAX_K = 2048   # faiss's GPU k-selection stops here; larger k goes to the torch backend
@@ -67,10 +80,13 @@ class Bank:
         self.n = self.images * self.per_image
 
     def rows(self, start, stop):
-        """Bank rows [start, stop) as a normalised float32 array; start/stop multiples of M."""
+        """Bank rows [start, stop) as a normalised float32 array; start/stop multiples of M.
+        Only this bank's scales are read from ``features`` (the KNN bank reads one of the six)."""
         from util.features import l2_normalize
-        chunk = np.asarray(self.features[start // self.per_image:stop // self.per_image])
-        chunk = chunk if self.scales == list(range(chunk.shape[1])) else chunk[:, self.scales]
+        images = slice(start // self.per_image, stop // self.per_image)
+        lo, hi = self.scales[0], self.scales[-1] + 1
+        scales = slice(lo, hi) if self.scales == list(range(lo, hi)) else self.scales
+        chunk = np.asarray(self.features[images, scales])
         return l2_normalize(chunk.reshape(-1, self.dim))
 
 
@@ -108,14 +124,13 @@ class ExactKNN:
         if use_torch:
             self.backend = 'torch'
             self.bank = torch.from_numpy(bank).to(self.device)
-            self.bank_sq = (self.bank * self.bank).sum(1)
+            self.bank_sq = squared_norms(self.bank)
             return
         if faiss is None:
             raise UserError("faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12 on CUDA)")
         index = faiss.IndexFlatL2(self.dim)
         if self.device.type == 'cuda':
-            self._res = gpu_resources()
-            index = faiss.index_cpu_to_gpu(self._res, self.device.index or 0, index)
+            index = faiss.index_cpu_to_gpu(gpu_resources(), self.device.index or 0, index)
             self.backend = 'faiss-gpu'
         else:
             self.backend = 'faiss-cpu'
@@ -133,6 +148,9 @@ class ExactKNN:
         if self.backend == 'faiss-gpu' and k > FAISS_GPU_MAX_K:
             raise ValueError(f"k={k} > {FAISS_GPU_MAX_K} on faiss-gpu: build ExactKNN with k_max={k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.backend == 'torch-stream':
+            with exact_fp32(self.device):   # TF32 would make "exact" distances approximate
+                return self._streamed_search(queries, k, need_indices)
         dist = np.empty((len(queries), k), dtype=np.float32)
         idx = np.empty((len(queries), k), dtype=np.int64) if need_indices else None
         starts = range(0, len(queries), self.query_chunk)
@@ -141,10 +159,9 @@ class ExactKNN:
             starts = progress(starts, desc=f'k-NN search ({len(queries)} queries x {self.n} bank)')
         for s in starts:
             q = queries[s:s + self.query_chunk]
-            if self.backend == 'torch-stream':
-                d, i = self._streamed_search(q, k)
-            elif self.backend == 'torch':
-                d, i = self._torch_search(q, k, need_indices)
+            if self.backend == 'torch':
+                with exact_fp32(self.device):
+                    d, i = self._torch_search(q, k, need_indices)
             else:
                 d, i = self.index.search(q, k)
             dist[s:s + len(q)] = d
@@ -158,28 +175,53 @@ class ExactKNN:
         budget = self.mem_budget or default_search_budget(self.device)
         return int(max(1, min(self.query_chunk, budget // (4 * self.n + 12 * k))))
 
-    def _streamed_search(self, q, k):
-        """Exact top-k over the streamed bank: per bank chunk, the block of distances and its
-        top-k (in place, as ``_torch_search``), merged into the running top-k of each query."""
+    def query_rows(self, k):
+        """Queries whose running top-k (and, on a GPU, the vectors) stay on the device while the
+        bank streams past them once: from a quarter of the free memory (CPU queries are not
+        copied). Each group of this many queries reads the whole bank once."""
+        per_query = 12 * k + (4 * self.dim if self.device.type == 'cuda' else 0)
+        return int(max(1, available_memory_bytes(self.device) // 4 // per_query))
+
+    def _streamed_search(self, queries, k, need_indices):
+        """Exact top-k over the streamed bank: each bank chunk is read once per group of
+        ``query_rows`` queries (once per split, in practice), its block of distances built in
+        place (as ``_torch_search``) and reduced with ``topk``, and merged into each query's
+        running top-k."""
         budget = self.mem_budget or default_search_budget(self.device)
+        group = self.query_rows(k)
+        dist = np.empty((len(queries), k), dtype=np.float32)
+        idx = np.empty((len(queries), k), dtype=np.int64) if need_indices else None
+        chunks = range(0, self.n, self.bank_chunk)
+        if len(chunks) * -(-len(queries) // group) > 2:
+            from util.misc import progress
+            chunks = progress(chunks, desc=f'k-NN search ({len(queries)} queries x {self.n} streamed bank)')
+        for g in range(0, len(queries), group):
+            q = queries[g:g + group]
+            d, i = self._stream_group(q, k, budget, chunks)
+            dist[g:g + len(q)] = d
+            if need_indices:
+                idx[g:g + len(q)] = i
+        return dist, idx
+
+    def _stream_group(self, q, k, budget, chunks):
         rows = int(max(1, min(len(q), (budget // 2) // (4 * self.bank_chunk + 12 * k))))
         best_d = torch.full((len(q), k), float('inf'), device=self.device)
         best_i = torch.zeros((len(q), k), dtype=torch.long, device=self.device)
         queries = torch.from_numpy(q).to(self.device)
         q_sq = (queries * queries).sum(1, keepdim=True)
-        for start in range(0, self.n, self.bank_chunk):
+        for start in chunks:
             stop = min(self.n, start + self.bank_chunk)
             kk = min(k, stop - start)
+            chunk = self.stream.rows(start, stop)   # the one read of these rows for this group
             if self._use_knn_gpu(kk):
                 # faiss's brute-force GPU search on this chunk (its own tiling), merged as below
-                chunk = self.stream.rows(start, stop)
-                d, i = faiss.knn_gpu(self._gpu_resources(), q, chunk, kk, device=self.device.index or 0)
+                d, i = faiss.knn_gpu(gpu_resources(), q, chunk, kk, device=self.device.index or 0)
                 merged_d = torch.cat([best_d, torch.as_tensor(d, device=self.device)], 1)
                 merged_i = torch.cat([best_i, torch.as_tensor(i, device=self.device) + start], 1)
                 keep = merged_d.topk(k, dim=1, largest=False)
                 best_d, best_i = keep.values, merged_i.gather(1, keep.indices)
                 continue
-            bank = torch.from_numpy(self.stream.rows(start, stop)).to(self.device)   # [chunk, D]
+            bank = torch.from_numpy(chunk).to(self.device)   # [chunk, D]
             bank_sq = (bank * bank).sum(1)
             for s in range(0, len(q), rows):
                 block = torch.addmm(bank_sq[None], queries[s:s + rows], bank.T, beta=1.0, alpha=-2.0)
@@ -195,11 +237,6 @@ class ExactKNN:
     def _use_knn_gpu(self, k):
         """Streamed chunks go through ``faiss.knn_gpu`` on a CUDA device when faiss has GPU support."""
         return self.device.type == 'cuda' and _faiss_gpu_available() and k <= FAISS_GPU_MAX_K
-
-    def _gpu_resources(self):
-        if getattr(self, '_res', None) is None:
-            self._res = gpu_resources()
-        return self._res
 
     def _torch_search(self, q, k, need_indices):
         rows = self.block_rows(k)
@@ -227,7 +264,8 @@ class ApproxKNN:
       k-means on a seeded sample of at most 64·nlist bank vectors; ``nprobe`` lists searched
       (default 32); a query whose probed lists hold fewer than k vectors is searched again with
       twice the lists until it has k (counted in ``widened``). On a CUDA device with faiss-gpu
-      the index is moved to the GPU.
+      the k-means runs on the GPU and the index is moved there; a search with k or nprobe
+      above faiss-gpu's 2048 (a widening past 2048 lists) runs on a CPU copy of it.
     - ``hnsw``: ``IndexHNSWFlat`` with ``m`` links per node (default 32), ``ef_search``
       candidates (default 128, raised to k when k is larger)."""
 
@@ -243,9 +281,13 @@ class ApproxKNN:
         rows = (lambda a, b: stream.rows(a, b)) if stream else (
             lambda a, b: np.ascontiguousarray(bank[a:b], dtype=np.float32))
         step = stream.per_image * max(1, (1 << 18) // stream.per_image) if stream else 1 << 18
+        gpu = kind == 'ivf' and self.device.type == 'cuda' and _faiss_gpu_available()
         if kind == 'ivf':
             self.nlist = int(nlist or max(1, min(int(4 * np.sqrt(self.n)), self.n // 39)))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.dim), self.dim, self.nlist, faiss.METRIC_L2)
+            if gpu:   # k-means assignments on the GPU; the trained index itself stays a CPU index until moved
+                index.clustering_index = faiss.index_cpu_to_gpu(gpu_resources(), self.device.index or 0,
+                                                                faiss.IndexFlatL2(self.dim))
             sample = np.sort(np.random.default_rng(seed).choice(self.n, min(self.n, 64 * self.nlist), replace=False))
             index.train(self._gather(rows, sample, step, self.n))
             index.nprobe = self.nprobe = min(nprobe, self.nlist)
@@ -255,9 +297,10 @@ class ApproxKNN:
             self.describe = f"hnsw (IndexHNSWFlat, M {m}, efSearch {ef_search})"
         for a in range(0, self.n, step):
             index.add(rows(a, min(self.n, a + step)))
-        if kind == 'ivf' and self.device.type == 'cuda' and _faiss_gpu_available():
-            self._res = gpu_resources()
-            index = faiss.index_cpu_to_gpu(self._res, self.device.index or 0, index)
+        self.cpu_index = None   # the CPU copy of a GPU index, made when a search passes faiss-gpu's limits
+        if gpu:
+            index = faiss.index_cpu_to_gpu(gpu_resources(), self.device.index or 0, index)
+        self.on_gpu = gpu
         self.index, self.backend = index, f'faiss-{kind}'
 
     @staticmethod
@@ -279,24 +322,38 @@ class ApproxKNN:
         if self.kind == 'hnsw':
             self.index.hnsw.efSearch = max(self.ef_search, k)
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        d, i = self.index.search(q, k)
+        nprobe = getattr(self, 'nprobe', None)
+        d, i = self._search(q, k, nprobe)
         short = np.flatnonzero((i < 0).any(axis=1))
         if len(short) and self.kind == 'ivf':
             # The probed lists of these queries held fewer than k vectors: probe twice as many
             # lists for them, up to all of them (exact), so every score is a real k-th distance.
             self.widened += len(short)
-            nprobe = probe = self.index.nprobe
-            try:
-                while len(short) and probe < self.nlist:
-                    probe = min(self.nlist, 2 * probe)
-                    self.index.nprobe = probe
-                    d[short], i[short] = self.index.search(q[short], k)
-                    short = short[(i[short] < 0).any(axis=1)]
-            finally:
-                self.index.nprobe = nprobe
+            probe = nprobe
+            while len(short) and probe < self.nlist:
+                probe = min(self.nlist, 2 * probe)
+                d[short], i[short] = self._search(q[short], k, probe)
+                short = short[(i[short] < 0).any(axis=1)]
         if len(short):
             raise RuntimeError(f"{self.describe}: {len(short)} queries found fewer than {k} neighbours")
         return d.astype(np.float32, copy=False), (i if need_indices else None)
+
+    def _search(self, q, k, nprobe):
+        """One faiss search with ``nprobe`` lists (IVF). faiss's GPU IVF refuses k or nprobe
+        above 2048 (``FAISS_GPU_MAX_K``): such a search runs on a CPU copy of the index, made
+        once (``index_gpu_to_cpu``), with the same lists and vectors, so the same answers."""
+        index = self.index
+        if self.on_gpu and (k > FAISS_GPU_MAX_K or (nprobe or 0) > FAISS_GPU_MAX_K):
+            if self.cpu_index is None:
+                self.cpu_index = faiss.index_gpu_to_cpu(self.index)
+            index = self.cpu_index
+        if nprobe is None:
+            return index.search(q, k)
+        index.nprobe = nprobe
+        try:
+            return index.search(q, k)
+        finally:
+            index.nprobe = self.nprobe   # the configured nprobe for the next search
 
 
 def knn_accuracy(bank, bank_labels, queries, labels, k, num_classes, device='cpu', backend='torch'):
