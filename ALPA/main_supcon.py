@@ -39,7 +39,7 @@ from util.features import collect_features
 from util.fingerprint import TRAINING_CODE, fingerprint
 from util.knn import knn_accuracy
 from util.lr_sched import adjust_learning_rate
-from util.misc import autocast_dtype, default_workers, set_seed
+from util.misc import WORKERS_HELP, autocast_dtype, default_workers, set_seed
 from util.networks import ENCODERS, build_model
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'imagenet',
@@ -55,7 +55,7 @@ def get_args_parser(loss='supcon'):
     p.add_argument('--save_freq', type=int, default=50, help='also keep ckpt_epoch_N.pth every N epochs (default 50)')
     p.add_argument('--batch_size', type=int, default=512 if loss == 'supcon' else 256,
                    help=f"images per step, each giving 2 views (default {512 if loss == 'supcon' else 256})")
-    p.add_argument('--num_workers', type=int, default=default_workers(), help='data-loading workers (default min(4, cores))')
+    p.add_argument('--num_workers', type=int, default=default_workers(), help=WORKERS_HELP)
     p.add_argument('--epochs', type=int, default=500, help='training epochs (default 500)')
     p.add_argument('--learning_rate', type=float, default=0.5, help='base learning rate (default 0.5)')
     p.add_argument('--lr_decay_epochs', type=str, default='350,400,450',
@@ -290,11 +290,27 @@ def id_accuracy(args, model, spec, device, k=20):
     return out
 
 
+def make_sgd(params, args, device):
+    """SupContrast's SGD. On a GPU the fused kernel: one launch for all parameters, and under
+    fp16 the GradScaler hands it the scale and the inf check as device tensors instead of
+    reading them out (a sync) every step. The CPU keeps the loop form the released
+    checkpoints were trained with."""
+    return torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay,
+                           fused=True if device.type == 'cuda' else None)
+
+
 # ---------------------------------------------------------------- the run
 def main(args):
     args = finalize_args(args)
-    loss = args.loss
     device = dist_lib.init_from_env(args.device)
+    try:
+        return train(args, device)
+    finally:
+        dist_lib.shutdown()
+
+
+def train(args, device):
+    loss = args.loss
     set_seed(args.seed + dist_lib.rank())
     spec = resolve_spec(args)
     two_views = loss == 'supcon' or args.alpa_train or args.alpa_finetune
@@ -343,7 +359,7 @@ def main(args):
     if attention is not None:
         attention.to(device)
     params = list(net.parameters()) + (list(attention.parameters()) if attention is not None else [])
-    optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = make_sgd(params, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, args.amp, args.amp_dtype) == torch.float16)
 
     start_epoch, global_step = 1, 0

@@ -33,7 +33,7 @@ from util.checkpoint import file_sha256, load_model
 from util.errors import UserError, run_cli
 from util.features import SCALES
 from util.fingerprint import FEATURE_CODE, code_hash
-from util.misc import default_workers, progress
+from util.misc import WORKERS_HELP, default_workers, progress
 from util.networks import MODEL_ARCHS
 from util.store import STORE_DTYPES, load_store, write_store
 
@@ -67,7 +67,7 @@ def add_feature_args(parser):
     parser.add_argument('--id-classes', type=int, nargs='+', default=None,
                         help='open-set protocol: ID classes kept (default: read from the checkpoint, else all)')
     parser.add_argument('--batch-size', type=int, default=256, help='images per forward pass (default 256)')
-    parser.add_argument('--num-workers', type=int, default=default_workers(), help='data-loading workers (default min(4, cores))')
+    parser.add_argument('--num-workers', type=int, default=default_workers(), help=WORKERS_HELP)
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N (default cuda when present, else cpu)')
     parser.add_argument('--cache-dir', default='cache', help='feature cache root (default ./cache)')
     parser.add_argument('--max-train', type=int, default=None,
@@ -312,8 +312,7 @@ def main(args):
     try:
         splits = get_splits(args, model, info, spec, device, force=args.force)
     finally:
-        if dist_lib.is_dist():
-            torch.distributed.destroy_process_group()
+        dist_lib.shutdown()
     for name, s in splits.items():
         say(f"  {name:<24} {tuple(s['features'].shape)} {s['features'].dtype}")
     return splits

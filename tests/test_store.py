@@ -105,14 +105,40 @@ def test_unreadable_images_are_dropped_with_their_bank_indices(tmp_path):
     np.testing.assert_allclose(out['features'], ref['features'][good], rtol=1e-5, atol=1e-6)
 
 
-def test_fp16_overflow_is_refused(tmp_path):
+def test_fp16_overflow_stores_that_split_in_fp32(tmp_path):
+    """Features past fp16's range (in a late batch, after fp16 rows were written) send the split
+    to fp32 by itself: one line, meta.json says so, and the rows are the fp32 forward pass."""
     class Huge(SupConResNet):
         def forward_features(self, x):
-            return super().forward_features(x) + 1e5
+            fmap = super().forward_features(x)
+            return fmap + 1e5 * (x[:, :1, :1, :1] > 1.0)   # only some images overflow
     torch.manual_seed(0)
-    with pytest.raises(Exception, match='--dtype fp32'):
-        store_lib.write_store(tmp_path / 's', Huge('resnet18', width=4), Images(8), torch.device('cpu'),
-                              batch_size=8, log=lambda *a: None)
+    model, ds, lines = Huge('resnet18', width=4), Images(24), []
+    out = store_lib.write_store(tmp_path / 's', model, ds, torch.device('cpu'), batch_size=8, block=1,
+                                log=lines.append)
+    assert out['features'].dtype == np.float32 and out['meta']['dtype'] == 'fp32' and out['meta']['fp16_overflow']
+    assert [line for line in lines if 'storing this split in fp32' in line] and np.abs(out['features']).max() > 65504
+    ref = collect_features(model, torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate_skip_none), 'cpu')
+    np.testing.assert_allclose(out['features'], ref['features'], rtol=1e-6)
+    # A model that stays in range keeps the fp16 default and says nothing of fp32.
+    plain = store_lib.write_store(tmp_path / 't', SupConResNet('resnet18', width=4), Images(8), torch.device('cpu'),
+                                  batch_size=8, log=lines.append)
+    assert plain['features'].dtype == np.float16 and 'fp16_overflow' not in plain['meta']
+
+
+def test_shares_split_what_is_left_evenly():
+    """Every remaining batch once, in contiguous even runs, whatever was done before (a resume
+    with another process count)."""
+    done = np.zeros(10, np.uint8)
+    done[:6] = 1                                   # one process did 6 of 10, then 4 processes resume
+    shares = [store_lib.share(done, r, 4) for r in range(4)]
+    assert shares == [[6], [7], [8], [9]]
+    done[:] = 0
+    done[[0, 1, 5]] = 1
+    for world in (1, 2, 3, 7):
+        shares = [store_lib.share(done, r, world) for r in range(world)]
+        assert sorted(b for s in shares for b in s) == [2, 3, 4, 6, 7, 8, 9]
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_extraction_memory_does_not_grow_with_the_dataset(tmp_path):

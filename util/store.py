@@ -134,6 +134,15 @@ def _resumable(partial, state):
         return None
 
 
+def share(done, rank, world):
+    """The batches process ``rank`` of ``world`` computes: an even, contiguous run of the
+    batches not yet done. Spread over what is left, not over all batches, so a store resumed
+    with another process count (or after one process got further) still splits evenly. Every
+    process reads the same ``done`` after the barrier, so the runs tile the remaining batches."""
+    left = np.flatnonzero(np.asarray(done) == 0)
+    return left[len(left) * rank // world:len(left) * (rank + 1) // world].tolist()
+
+
 def _barrier():
     if dist_lib.world_size() > 1:
         torch.distributed.barrier()
@@ -158,12 +167,29 @@ def write_store(path, model, dataset, device, *, batch_size, num_workers=0, dtyp
             if done is not None:   # another job finished it while this one waited
                 log(f"[features] {Path(path).name}: written meanwhile by another process")
                 return done
-        return _write_store(path, model, dataset, device, batch_size=batch_size, num_workers=num_workers,
-                            dtype=dtype, key=key, indices=indices, meta=meta, block=block, log=log,
-                            progress=progress, source=source)
+        kw = dict(batch_size=batch_size, num_workers=num_workers, key=key, indices=indices, block=block, log=log,
+                  progress=progress, source=source)
+        store = _write_store(path, model, dataset, device, dtype=dtype, meta=meta, **kw)
+        if store is None:
+            # Features above fp16's range (an unnormalised CE encoder can get there): this split
+            # is stored in fp32 instead, under the same key, and meta.json says so.
+            log(f"[features] {Path(path).name}: {source} gives features above {FP16_MAX:.0f}, the largest fp16 "
+                f"number; storing this split in fp32 instead")
+            store = _write_store(path, model, dataset, device, dtype='fp32',
+                                 meta={**(meta or {}), 'fp16_overflow': True}, **kw)
+        return store
     finally:
         if lock is not None:
             lock.close()   # releases the flock; the empty lock file stays (unlinking it would race)
+
+
+def _any_rank(flag, device):
+    """Whether ``flag`` is true on any process (every process must call it)."""
+    if dist_lib.world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(flag)], device=device if device.type == 'cuda' else 'cpu')
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _lock(path, log):
@@ -205,11 +231,12 @@ def _write_store(path, model, dataset, device, *, batch_size, num_workers, dtype
     state = json.loads((partial / 'state.json').read_text())
     arrays = {part: np.load(partial / f'{part}.npy', mmap_mode='r+')
               for part in ('features', 'labels', 'logits', 'valid', 'done') if (partial / f'{part}.npy').exists()}
-    mine = range(nb * rank // world, nb * (rank + 1) // world)
-    todo = [b for b in mine if not arrays['done'][b]]
+    done_now = np.array(arrays['done'])
+    _barrier()   # every process has read the same done flags before any is set
+    todo = share(done_now, rank, world)
     if world > 1:
-        first, last = mine.start * batch_size, min(n, mine.stop * batch_size)
-        print(f"rank {rank}/{world}: {last - first} images ({getattr(dataset, 'name', path.name)})", flush=True)
+        images = sum(min(n, (b + 1) * batch_size) - b * batch_size for b in todo)
+        print(f"rank {rank}/{world}: {images} images ({getattr(dataset, 'name', path.name)})", flush=True)
     loader = torch.utils.data.DataLoader(IndexedDataset(dataset), batch_sampler=BatchRuns(todo, batch_size, n),
                                          num_workers=num_workers, pin_memory=device.type == 'cuda',
                                          collate_fn=collate_skip_none)
@@ -229,13 +256,14 @@ def _write_store(path, model, dataset, device, *, batch_size, num_workers, dtype
         batches = iter_features(model, progress(loader) if progress else loader, device,
                                 with_logits=bool(state['classes']), source=source,
                                 name=getattr(dataset, 'name', 'the dataset'))
+        overflow = False
         for j, out in enumerate(batches):
             if out is not None:
                 feats, labels, logits, (idx,) = out
                 idx = np.asarray(idx, dtype=np.int64)
                 if wide and np.abs(feats).max() > FP16_MAX:
-                    raise UserError(f"{source} gives features above {FP16_MAX:.0f}, the largest fp16 number: "
-                                    f"run with --dtype fp32")
+                    overflow = True   # this split goes to fp32 (write_store), nothing more to do here
+                    break
                 arrays['features'][idx] = feats
                 arrays['labels'][idx] = labels
                 if logits is not None:
@@ -246,6 +274,9 @@ def _write_store(path, model, dataset, device, *, batch_size, num_workers, dtype
                 flush()
         flush()
     arrays.clear()   # close the memory maps before the rename
+    if _any_rank(overflow, device):
+        _barrier()
+        return None
     _barrier()
     if rank == 0:
         _finish(path, partial, state, indices, meta or {})
