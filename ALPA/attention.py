@@ -62,8 +62,9 @@ class AlignmentStats(torch.autograd.Function):
     recomputes G with one GEMM into a buffer it owns and works in place inside it (G
     becomes ∂L/∂P', then ∂L/∂logits), next to one scratch buffer. On the CPU both go
     through the b axis a tile at a time (``tile_size``), so the work buffers are tile-sized
-    and each tile is passed over while it is still in cache: peak about Nb·m·X numbers
-    plus two tiles. Double backward is not supported.
+    and each tile is passed over while it is still in cache; a GPU does the same with tiles
+    sized from its free memory. Peak about Nb·m·X numbers plus a few tiles. Double backward
+    is not supported.
     """
 
     @staticmethod
@@ -86,7 +87,7 @@ class AlignmentStats(torch.autograd.Function):
         gram_bb = torch.bmm(value_b, value_b.transpose(1, 2))  # [Nb, m, m]
         probs = query_a.new_empty(num_b, m, num_x)
         dot, sq_norm = query_a.new_empty(num_b, num_x), query_a.new_empty(num_b, num_x)
-        step = tile_size(num_b, m, num_x, query_a.device)
+        step = tile_size(num_b, m, num_x, query_a.device, query_a.element_size())
         work = query_a.new_empty(min(step, num_b), m, num_x)
         for s in range(0, num_b, step):
             e = min(num_b, s + step)
@@ -113,7 +114,7 @@ class AlignmentStats(torch.autograd.Function):
         num_x = query_a.shape[0]
         grad_query_a, grad_value_a = torch.zeros_like(query_a), torch.zeros_like(value_a)
         grad_key_b, grad_value_b = torch.empty_like(key_b), torch.empty_like(value_b)
-        step = tile_size(num_b, m, num_x, query_a.device)
+        step = tile_size(num_b, m, num_x, query_a.device, query_a.element_size())
         buffers = query_a.new_empty(2, min(step, num_b), m, num_x)
         for s in range(0, num_b, step):
             e = min(num_b, s + step)
@@ -146,15 +147,35 @@ class AlignmentStats(torch.autograd.Function):
 # The CPU works through AlignmentStats' [Nb, m, X] tensors a few b at a time, so that each
 # tile (~2 MB in fp32) stays in cache across the eight passes over it; 1.5x faster than
 # whole-tensor passes at 2B = 256 views of 4x4 maps, with the same arithmetic (forward
-# bit-equal; the gradients of A's tokens are summed tile by tile, equal to rounding). A GPU takes the whole tensor at once.
+# bit-equal; the gradients of A's tokens are summed tile by tile, equal to rounding).
 TILE_ELEMENTS = 1 << 19
+# A GPU gains nothing from cache-sized tiles, but whole-tensor buffers cost memory: at 512
+# views of 7×7 maps one [Nb, m, X] fp32 buffer is ~2.5 GB and a step holds 3-5 of them. Its
+# tiles are as large as a slice of the free memory allows (each work buffer at most 1/16 of
+# it, at most 1 GiB), so the peak is P (saved for backward) plus a few tiles.
+CUDA_TILE_SHARE, CUDA_TILE_MAX_BYTES = 16, 1 << 30
+_cuda_tile_bytes = {}
 
 
-def tile_size(num_b, m, num_x, device):
+def cuda_tile_bytes(device):
+    """Bytes of one work buffer on ``device``, from its free memory at the first ALPA step
+    (``mem_get_info``, read once per device: it is a driver call)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _cuda_tile_bytes:
+        free = torch.cuda.mem_get_info(key)[0]
+        _cuda_tile_bytes[key] = max(1 << 20, min(CUDA_TILE_MAX_BYTES, free // CUDA_TILE_SHARE))
+    return _cuda_tile_bytes[key]
+
+
+def tile_size(num_b, m, num_x, device, element_size=4):
     """How many sets b one tile holds."""
-    if device.type != 'cpu':
+    if device.type == 'cuda':
+        elements = cuda_tile_bytes(device) // element_size
+    elif device.type == 'cpu':
+        elements = TILE_ELEMENTS
+    else:
         return num_b
-    return max(1, min(num_b, TILE_ELEMENTS // max(1, m * num_x)))
+    return max(1, min(num_b, elements // max(1, m * num_x)))
 
 
 class AttentionSimilarity(nn.Module):

@@ -20,7 +20,7 @@ from util import data as data_lib
 from util.checkpoint import load_model, save_checkpoint
 from util.errors import UserError, run_cli
 from util.lr_sched import adjust_learning_rate
-from util.misc import default_workers, pick_device, progress, set_seed
+from util.misc import WORKERS_HELP, default_workers, pick_device, progress, set_seed
 from util.networks import build_model
 
 DATASETS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'imagenet', 'fashion-mnist': 'fashion-mnist'}
@@ -42,7 +42,7 @@ def get_args_parser():
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
     p.add_argument('--weight_decay', type=float, default=0.0, help='SGD weight decay (default 0)')
     p.add_argument('--max_steps', type=int, default=None, help='stop each epoch after this many steps (smoke tests)')
-    p.add_argument('--num_workers', type=int, default=default_workers(), help='data-loading workers (default min(4, cores))')
+    p.add_argument('--num_workers', type=int, default=default_workers(), help=WORKERS_HELP)
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:N (default cuda when present, else cpu)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     p.add_argument('--save_folder', default=None, help='where linear.pth goes (default: beside --ckp)')

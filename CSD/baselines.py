@@ -171,31 +171,59 @@ class ViM:
 BASELINES = {'msp': MSP, 'energy': Energy, 'mahalanobis': Mahalanobis, 'vim': ViM, 'react': ReAct, 'ssd': SSD}
 
 
-def odin_scores(model, loader, device, std, temperature=1000.0, epsilon=0.0014):
+def odin_scores(model, loader, device, std, temperature=1000.0, epsilon=0.0014, batch_size=None, log=print):
     """ODIN (Liang et al. 2018), which needs its own forward and backward passes: for each
     input x (already normalised), ŷ = argmax f(x), the input is moved against the gradient of
     −log softmax(f(x)/T)_ŷ, x̃ = x − ε·sign(∇ₓ) / σ_c (the step is ε in pixel units, hence the
     division by the Normalize std, as in their code), and the score is max softmax(f(x̃)/T).
-    Defaults are the paper's: T = 1000, ε = 0.0014. -> [N] scores, higher = more ID."""
+    Defaults are the paper's: T = 1000, ε = 0.0014. -> [N] scores, higher = more ID.
+
+    The backward pass keeps the whole autograd graph of a batch (a ResNet-50 at 224² holds
+    about 100 MB of activations per image), so the loader's batches go through in pieces of
+    ``batch_size`` images (``--odin-batch-size``; default the whole batch), halved after a
+    device out-of-memory error. Every score is per image (sum-reduced loss, eval mode), so the
+    piece size never changes a number."""
     import torch
-    import torch.nn.functional as F
 
     from util.features import exact_fp32
     if getattr(model, 'fc', None) is None:
         raise UserError("--method odin needs a classifier: use a CE checkpoint, or a SupCon one through "
                         "ALPA/main_linear.py (a linear probe)")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--odin-batch-size {batch_size}: give a positive number of images")
     model.eval()
     sigma = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    out = []
+    out, piece = [], batch_size
     with exact_fp32(device):
         for batch in loader:
             if batch is None:
                 continue
-            x = batch[0].to(device).requires_grad_(True)
-            logits = model(x) / temperature
-            loss = F.cross_entropy(logits, logits.argmax(1), reduction='sum')   # per-sample terms: exact signs
-            grad, = torch.autograd.grad(loss, x)
-            with torch.no_grad():
-                x_odin = x - epsilon * torch.sign(grad) / sigma
-                out.append(F.softmax(model(x_odin) / temperature, dim=1).max(dim=1).values.cpu().numpy())
+            x_all, s = batch[0], 0
+            piece = piece or len(x_all)
+            while s < len(x_all):
+                try:
+                    out.append(_odin_piece(model, x_all[s:s + piece].to(device), sigma, temperature, epsilon))
+                    s += piece
+                except torch.OutOfMemoryError:
+                    if piece == 1:
+                        raise UserError("ODIN runs out of device memory on a single image: use --device cpu or "
+                                        "a smaller model") from None
+                    piece = max(1, piece // 2)
+                    if device.type == 'cuda':
+                        torch.cuda.empty_cache()
+                    log(f"[odin] out of device memory: {piece} images per forward/backward pass from here on "
+                        f"(--odin-batch-size {piece} sets it from the start)")
     return np.concatenate(out).astype(np.float64)
+
+
+def _odin_piece(model, x, sigma, temperature, epsilon):
+    """ODIN scores of the images ``x`` (one forward/backward pass, then one forward pass)."""
+    import torch
+    import torch.nn.functional as F
+    x = x.requires_grad_(True)
+    logits = model(x) / temperature
+    loss = F.cross_entropy(logits, logits.argmax(1), reduction='sum')   # per-sample terms: exact signs
+    grad, = torch.autograd.grad(loss, x)
+    with torch.no_grad():
+        x_odin = x - epsilon * torch.sign(grad) / sigma
+        return F.softmax(model(x_odin) / temperature, dim=1).max(dim=1).values.cpu().numpy()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 13): every CUDA path users run first, one PASS/FAIL line per path.
+# The GPU check: every CUDA path users run first, one PASS/FAIL/SKIP line per test.
 # At most ~8 minutes on one GPU. Run it from the repository root on a CUDA machine:
 #     bash bench/gpu_check.sh            # uses .venv/bin/python when present
 # Without CUDA it says so and exits 0. The checks themselves are tests/test_cuda.py.
@@ -19,10 +19,12 @@ print(f"gpu_check: {torch.cuda.device_count()} x {p.name} (sm_{p.major}{p.minor}
       f"(GPUs seen by faiss: {faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0}), Python {platform.python_version()}")
 PYEOF
 log=$(mktemp)
-MODE_NO_PROGRESS=1 timeout 480 "$PY" -m pytest -p no:cacheprovider -v -s -rA tests/test_cuda.py >"$log" 2>&1
+# -rA: a summary line per test; no -s, so printed figures go to pytest's PASSES section and
+# the -v progress lines stay one per test (bench/pytest_results.py reads both).
+MODE_NO_PROGRESS=1 timeout 480 "$PY" -m pytest -p no:cacheprovider -v -rA tests/test_cuda.py >"$log" 2>&1
 rc=$?
-grep -E '^(peak above|bank |ALPA|resnet|Base |ALPA-train|ours|reference|speed-up|bare faiss|streamed GPU|ivf |torchrun with)' "$log" | sed 's/^/  /'
-grep -E '^tests/test_cuda.py::[^ ]+ (PASSED|FAILED|ERROR|SKIPPED)' "$log" \
-  | sed -E 's/^tests\/test_cuda.py::([^ ]+) (PASSED|FAILED|ERROR|SKIPPED).*/\2 \1/; s/^PASSED/PASS/; s/^FAILED|^ERROR/FAIL/'
+grep -E '^(sm_|peak |bank |ALPA|resnet|Base |ALPA-train|ours|reference|speed-up|bare faiss|streamed GPU|ivf |torchrun with)' "$log" | sed 's/^/  /'
+"$PY" bench/pytest_results.py "$log"
+parsed=$?
 echo "gpu_check: pytest exit $rc; full log: $log"
-[ $rc -eq 0 ] || { grep -E '^E ' "$log" | head -40; exit 1; }
+[ $rc -eq 0 ] && [ $parsed -eq 0 ] || { grep -E '^E ' "$log" | head -40; exit 1; }

@@ -212,6 +212,18 @@ def test_tiled_two_sets_match_reference(monkeypatch):
     assert_matches_reference(module, fa, fb, fb, atol=1e-7)
 
 
-def test_a_gpu_takes_one_tile():
-    assert attention.tile_size(256, 16, 4096, torch.device("cuda")) == 256
+def test_a_gpu_tiles_from_its_free_memory(monkeypatch):
+    """A GPU's tile: 1/16 of the free memory per work buffer, at most 1 GiB, read once per device
+    (512 views of 7x7 maps: one whole [Nb, m, X] fp32 buffer is 2.4 GiB)."""
+    calls = []
+    monkeypatch.setattr(attention, "_cuda_tile_bytes", {})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: calls.append(d) or (free, 80 << 30))
+    free = 4 << 30                                     # 4 GiB free: 256 MiB a buffer
+    nb, m = 512, 49
+    assert attention.tile_size(nb, m, nb * m, torch.device("cuda", 0)) == (256 << 20) // 4 // (m * nb * m)
+    free = 64 << 30                                    # plenty free: the 1 GiB cap
+    assert attention.tile_size(nb, m, nb * m, torch.device("cuda", 1)) == (1 << 30) // 4 // (m * nb * m)
+    assert attention.tile_size(nb, m, nb * m, torch.device("cuda", 1), 8) == (1 << 30) // 8 // (m * nb * m)
+    assert calls == [0, 1]                             # once per device
+    assert attention.tile_size(256, 16, 4096, torch.device("cuda", 0)) == 256   # small steps: one tile
     assert attention.tile_size(256, 16, 4096, torch.device("cpu")) == 8

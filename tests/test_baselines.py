@@ -208,6 +208,43 @@ def test_odin_matches_its_equation_one_input_at_a_time():
     np.testing.assert_allclose(odin_scores(model, loader, torch.device('cpu'), std, t, 0.0), plain, rtol=1e-6)
 
 
+def test_odin_halves_its_pieces_after_out_of_memory_with_the_same_scores():
+    """A device that runs out of memory above 2 images a pass: ODIN goes on in pieces of 2
+    (one line said), and every score equals the whole-batch one; --odin-batch-size sets the
+    piece from the start; a single image that does not fit is a UserError."""
+    import torch
+
+    from CSD.baselines import odin_scores
+    from util.errors import UserError
+    from util.networks import build_model
+    torch.manual_seed(0)
+    model = build_model('resnet18-ce', width=4, num_classes=5).eval()
+    x = torch.randn(11, 3, 32, 32)
+    loader = [(x[:8], torch.zeros(8)), (x[8:], torch.zeros(3))]
+    args = (torch.device('cpu'), (0.2, 0.3, 0.4), 1000.0, 0.0014)
+    whole = odin_scores(model, loader, *args)
+    real_forward, sizes = model.forward, []
+
+    def small_device(inp, limit):
+        sizes.append(len(inp))
+        if len(inp) > limit:
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return real_forward(inp)
+    model.forward = lambda inp: small_device(inp, 2)
+    lines = []
+    np.testing.assert_allclose(odin_scores(model, loader, *args, log=lines.append), whole, rtol=1e-6)
+    assert len(lines) == 2 and '4 images' in lines[0] and '2 images' in lines[1]   # 8 -> 4 -> 2, said each time
+    assert max(s for s in sizes[3:]) <= 2
+    sizes.clear()
+    np.testing.assert_allclose(odin_scores(model, loader, *args, batch_size=2, log=lines.append), whole, rtol=1e-6)
+    assert max(sizes) == 2 and len(lines) == 2
+    model.forward = lambda inp: small_device(inp, 0)
+    with pytest.raises(UserError, match='single image'):
+        odin_scores(model, loader, *args, log=lines.append)
+    with pytest.raises(UserError, match='--odin-batch-size 0'):
+        odin_scores(model, loader, *args, batch_size=0)
+
+
 def test_cli_odin_on_a_ce_checkpoint(data_root, tmp_path):
     from tests.test_e2e_csd import authors_checkpoint
     authors_checkpoint(tmp_path / 'ce.pth', arch='resnet18-ce')

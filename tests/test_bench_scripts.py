@@ -25,3 +25,59 @@ def test_bench_scale_synthetic_then_real_store_queries(tmp_path):
     again = run('bench/bench_scale.py', '--store', store, '--query-store', store, '--queries', '15', '--ivf', '200')
     assert 'real bank' in again and 'wrote ' not in again and '90 queries' in again
     assert re.search(r'recall@10 1\.0000', again)
+
+
+GPU_CHECK_SAMPLE = '''
+import pytest
+
+def test_quiet():
+    pass
+
+def test_prints_a_figure():
+    print('peak above the bank: 300 MiB')
+    print('PASSED a line that looks like a result')
+
+def test_fails_after_printing():
+    print('ALPA step 1.2 s')
+    assert 1 == 2
+
+@pytest.mark.skipif(True, reason='needs a CUDA GPU')
+def test_skipped():
+    pass
+
+@pytest.mark.parametrize('n', [1, 2])
+def test_param(n):
+    print('bank', n)
+
+def test_skips_inside():
+    pytest.skip('faiss without GPU support')
+'''
+GPU_CHECK_EXPECT = ['PASS test_quiet', 'PASS test_prints_a_figure', 'PASS test_param[1]', 'PASS test_param[2]',
+                    'FAIL test_fails_after_printing (assert 1 == 2)', 'SKIP test_skipped (needs a CUDA GPU)',
+                    'SKIP test_skips_inside (faiss without GPU support)']
+
+
+def test_gpu_check_says_no_cuda_and_exits_0():
+    out = subprocess.run(['bash', 'bench/gpu_check.sh'], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+    assert out.returncode == 0 and 'no CUDA here' in out.stdout
+
+
+def test_gpu_check_reads_one_result_per_test_from_pytest_rA(tmp_path):
+    """A real pytest -rA log of printed and unprinted tests, one failing, two skipped (with and
+    without -s): one line per test, the failure makes the exit status 1, and a line a test
+    printed ('PASSED ...') is not taken for a result."""
+    (tmp_path / 'test_sample.py').write_text(GPU_CHECK_SAMPLE)
+    for extra in ([], ['-s']):
+        log = tmp_path / f'log{len(extra)}.txt'
+        with open(log, 'w') as f:
+            subprocess.run([sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider', '-v', '-rA', *extra,
+                            'test_sample.py'], cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, timeout=120)
+        out = subprocess.run([sys.executable, 'bench/pytest_results.py', str(log)], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 1
+        assert out.stdout.splitlines() == GPU_CHECK_EXPECT
+    (tmp_path / 'cut.txt').write_text('collected 7 items\ntest_sample.py::test_quiet PASSED\n')   # a killed run
+    out = subprocess.run([sys.executable, 'bench/pytest_results.py', str(tmp_path / 'cut.txt')], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and 'no \'short test summary info\'' in out.stdout

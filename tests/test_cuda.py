@@ -94,13 +94,23 @@ print('ok')
     assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.fixture
+def tf32_flags():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    yield matmul, conv
+    matmul.fp32_precision, conv.fp32_precision = saved
+
+
 @pytest.mark.parametrize('tf32', [False, True])
-def test_features_and_scores_cuda_equal_cpu(data_root, tmp_path, tf32):
-    """feature_collect + CSD.py on cuda (torch and faiss search) against CPU. Features are
-    extracted with TF32 off whatever the global setting, so they agree to 1e-4 (relative)."""
+def test_features_and_scores_cuda_equal_cpu(data_root, tmp_path, tf32, tf32_flags):
+    """feature_collect + CSD.py on cuda (torch and faiss search) against CPU, fp32 stores (an
+    fp16 store's rounding step is far above the tolerance). Features and the exact search run
+    with TF32 off whatever the global setting, so they agree to 1e-4 (relative)."""
     from CSD import CSD as csd_cli
     from tests.test_e2e_csd import authors_checkpoint
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    matmul, conv = tf32_flags
+    matmul.fp32_precision = conv.fp32_precision = 'tf32' if tf32 else 'ieee'
     authors_checkpoint(tmp_path / 'ckpt.pth')
     out = {}
     for device, search in (('cpu', 'torch'), ('cuda', 'torch'), ('cuda', 'faiss')):
@@ -108,13 +118,65 @@ def test_features_and_scores_cuda_equal_cpu(data_root, tmp_path, tf32):
             '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ckpt.pth'), '--data-root', str(data_root),
             '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',
             '--device', device, '--search', search, '--out-datasets', 'SVHN', 'dtd', '--method', 'knn', 'csd',
-            '--k', '5', '3']))
+            '--k', '5', '3', '--dtype', 'fp32']))
     ref = out['cpu', 'torch']
     for key, got in out.items():
         np.testing.assert_allclose(got['splits']['test']['features'], ref['splits']['test']['features'],
                                    rtol=1e-4, atol=1e-5)
         for m in ('knn', 'csd'):
             np.testing.assert_allclose(got['scores'][m][0], ref['scores'][m][0], rtol=1e-4, atol=1e-5)
+
+
+def test_exact_search_ignores_tf32_high_precision(tf32_flags):
+    """set_float32_matmul_precision('high') (TF32) must not reach the exact torch search: its
+    distances equal a float64 reference to fp32 rounding, not TF32's ~1e-3."""
+    from util.knn import Bank, ExactKNN
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((2000, 256)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)    # the streamed bank normalises its rows itself
+    q = 2 * rng.standard_normal((500, 256)).astype(np.float32)
+    torch.set_float32_matmul_precision('high')
+    d = ((q[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
+    for search in (ExactKNN(bank, device='cuda', backend='torch'),
+                   ExactKNN(Bank(bank[:, None], [0]), device='cuda', bank_chunk=700)):
+        np.testing.assert_allclose(search.kth_distance(q, 10), np.sort(d, axis=1)[:, 9], rtol=2e-5)
+    assert torch.get_float32_matmul_precision() == 'high'   # the caller's setting is left as it was
+
+
+def test_this_gpu_has_kernels_in_this_torch():
+    from util.misc import arch_supported
+    cap = torch.cuda.get_device_capability(0)
+    print(f"sm_{cap[0]}{cap[1]} against {' '.join(torch.cuda.get_arch_list())}")
+    assert arch_supported(cap, torch.cuda.get_arch_list())
+
+
+def test_alpa_step_peak_memory_is_tiled():
+    """A 512-view step of 7x7 maps (one whole [Nb, m, X] fp32 buffer: 2.4 GiB): with the GPU's
+    tiles the peak of forward + backward stays under P + 3 GiB, where whole-tensor buffers held 3-5."""
+    from ALPA.attention import AttentionSimilarity
+    att = AttentionSimilarity(512, 80).cuda()
+    x = torch.randn(512, 512, 7, 7, device='cuda', requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    att(x).sum().backward()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    whole = 512 * 49 * 512 * 49 * 4 / 2**30
+    print(f"ALPA 512 views of 7x7: peak {peak:.2f} GiB above the inputs, one whole buffer {whole:.2f} GiB")
+    assert peak < whole + 3
+
+
+def test_odin_on_cuda_equals_cpu():
+    from CSD.baselines import odin_scores
+    from util.networks import build_model
+    torch.manual_seed(0)
+    model = build_model('resnet18-ce', width=8, num_classes=5).eval()
+    x = torch.randn(10, 3, 32, 32)
+    loader = [(x[:6], torch.zeros(6)), (x[6:], torch.zeros(4))]
+    cpu = odin_scores(model, loader, torch.device('cpu'), (0.2, 0.3, 0.4))
+    gpu = odin_scores(model.cuda(), loader, torch.device('cuda'), (0.2, 0.3, 0.4), batch_size=3)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-6)
 
 
 def test_search_peak_gpu_memory_under_budget():
@@ -166,6 +228,17 @@ def test_streamed_search_on_gpu_equals_cpu_exact():
     np.testing.assert_allclose(gpu.kth_distance(q, 50), cpu.kth_distance(q, 50), rtol=1e-4, atol=1e-4)
 
 
+def test_ivf_on_gpu_k_above_2048_runs_on_the_cpu_copy():
+    from util.knn import ApproxKNN
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((20_000, 32)).astype(np.float32)
+    ivf = ApproxKNN(bank, 'ivf', device='cuda', nlist=64, nprobe=64)
+    d, i = ivf.search(bank[:50], 3000)                      # k > 2048: faiss-gpu would raise
+    assert (i >= 0).all() and d.shape == (50, 3000)
+    print(f"ivf on {'the GPU' if ivf.on_gpu else 'the CPU'}: k 3000 through "
+          f"{'the CPU copy' if ivf.cpu_index is not None else 'the index itself'}")
+
+
 def test_ivf_on_gpu_recall():
     from util.knn import ApproxKNN, ExactKNN
     rng = np.random.default_rng(0)
@@ -176,7 +249,7 @@ def test_ivf_on_gpu_recall():
     _, got = ivf.search(bank[:500], 10)
     _, want = ExactKNN(bank, backend='torch').search(bank[:500], 10)
     recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(got, want)])
-    print(f"{ivf.describe} on {'the GPU' if hasattr(ivf, '_res') else 'the CPU (faiss without GPU support)'}: "
+    print(f"{ivf.describe} on {'the GPU' if ivf.on_gpu else 'the CPU (faiss without GPU support)'}: "
           f"recall@10 {recall:.3f}")
     assert recall > 0.9
 

@@ -2,6 +2,7 @@
 import glob
 import os
 import random
+import re
 import shutil
 import sys
 
@@ -23,15 +24,58 @@ def nvidia_device_present():
                 or shutil.which('nvidia-smi'))
 
 
+def arch_supported(capability, arch_list):
+    """Whether a torch build compiled for ``arch_list`` (``torch.cuda.get_arch_list()``, e.g.
+    ['sm_75', ..., 'compute_90']) has kernels for a GPU of compute ``capability`` (major,
+    minor): a cubin ``sm_XY`` runs on major X with minor >= Y, PTX ``compute_XY`` is compiled
+    at load time for any GPU of capability >= XY. An empty list (a CPU build) says nothing: True."""
+    if not arch_list:
+        return True
+    cap = tuple(capability)
+    for arch in arch_list:
+        m = re.fullmatch(r'(sm|compute)_(\d+)(a?)', arch)   # 'sm_86', 'sm_100', 'sm_90a', 'compute_90'
+        if m is None:
+            continue
+        major, minor = int(m.group(2)[:-1]), int(m.group(2)[-1])
+        if m.group(3):   # arch-specific ('sm_90a'): that capability only
+            ok = cap == (major, minor)
+        elif m.group(1) == 'sm':
+            ok = cap[0] == major and cap[1] >= minor
+        else:
+            ok = cap >= (major, minor)
+        if ok:
+            return True
+    return False
+
+
+def unsupported_gpu(device):
+    """None when this torch build has kernels for ``device``; else one line saying what to install."""
+    cap = torch.cuda.get_device_capability(device)
+    arch_list = torch.cuda.get_arch_list()
+    if arch_supported(cap, arch_list):
+        return None
+    return (f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}) has no kernels in this torch build "
+            f"(torch {torch.__version__}, CUDA {torch.version.cuda}, built for {' '.join(arch_list)}): every GPU "
+            f"kernel would fail with 'no kernel image'. Install a build that still targets it, e.g. "
+            f"pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126 "
+            f"(README, 'CUDA'), or pass --device cpu")
+
+
 def pick_device(name=None, log=None):
     """``None``/'auto' -> cuda when torch can use it, else cpu (with one loud line when an
     NVIDIA GPU is present that torch cannot use). An explicit cuda device without CUDA is a
-    ``UserError``, never a fallback. A chosen GPU becomes the current one
+    ``UserError``, never a fallback. A GPU this torch build has no kernels for (a V100 or
+    P100 under the default CUDA 13 wheel, ``unsupported_gpu``) is the same: a loud line and the
+    CPU by default, a ``UserError`` when asked for by name. A chosen GPU becomes the current one
     (``torch.cuda.set_device``), so pinned memory, faiss and capability checks use it too."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if name in (None, '', 'auto'):
         if torch.cuda.is_available():
             device = torch.device('cuda', torch.cuda.current_device())
+            why = unsupported_gpu(device)
+            if why:
+                log(f"WARNING: running on the CPU: {why}")
+                return torch.device('cpu')
         else:
             if nvidia_device_present():
                 log(f"WARNING: an NVIDIA GPU is present but torch.cuda.is_available() is False, running on the "
@@ -51,6 +95,9 @@ def pick_device(name=None, log=None):
             if device.index >= torch.cuda.device_count():
                 raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible "
                                 f"(device indices 0 to {torch.cuda.device_count() - 1})")
+            why = unsupported_gpu(device)
+            if why:
+                raise UserError(f"--device {name}: {why}")
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     return device
@@ -102,5 +149,17 @@ def progress(iterable, desc='', total=None, leave=False):
                 dynamic_ncols=True, disable=os.environ.get('MODE_NO_PROGRESS') == '1')
 
 
-def default_workers():
-    return min(4, os.cpu_count() or 1)
+WORKERS_HELP = 'data-loading workers (default: min(4, cores) on a CPU run; on a GPU box the cores per GPU process, at most 16)'
+
+
+def default_workers(env=None):
+    """Data-loading workers: on a CPU run at most 4 (the model shares the cores with them); on
+    a GPU box the cores this process may use divided among the GPU processes of the node
+    (``LOCAL_WORLD_SIZE`` under torchrun, else one per visible GPU), at most 16, since
+    decoding and augmenting feed a GPU that would otherwise wait."""
+    env = os.environ if env is None else env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if not torch.cuda.is_available():
+        return max(1, min(4, cores))
+    procs = int(env.get('LOCAL_WORLD_SIZE', '') or max(1, torch.cuda.device_count()))
+    return max(1, min(16, cores // max(1, procs)))
