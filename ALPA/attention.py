@@ -1,4 +1,4 @@
-"""ALPA's cross-attention similarity between two sets of feature maps (PAPER §4).
+"""ALPA's cross-attention similarity between two sets of feature maps (docs/METHOD.md §4).
 
 Each map of C channels and H×W positions is read as HW tokens. For a pair (a, b):
 

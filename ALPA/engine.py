@@ -1,6 +1,6 @@
 """One training epoch (MAE-style engine): the per-step losses and ``train_one_epoch``.
 
-Modes (PAPER §5): Base (SupCon on the head, or cross-entropy), ``--alpa_train`` (the base
+Modes (docs/METHOD.md §5): Base (SupCon on the head, or cross-entropy), ``--alpa_train`` (the base
 loss + λ·ALPA on the last-stage maps of both views), ``--alpa_finetune`` (ALPA alone).
 Argparse, setup, checkpoints and the epoch loop live in ``main_supcon.py``.
 """

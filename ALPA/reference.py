@@ -1,6 +1,6 @@
 """Slow, literal reference implementations of ALPA's similarity and of the two losses.
 
-Written straight from the equations (PAPER §4–5), for the tests and for
+Written straight from the equations (docs/METHOD.md §4–5), for the tests and for
 ``bench/bench_alpa.py``. ``reference_similarity`` computes what the authors' code does:
 it materialises every aligned map, (Na·Nb)×HW×d numbers per direction, and calls
 ``F.cosine_similarity``. The losses are Python loops over anchors.

@@ -3,7 +3,7 @@
     python CSD/feature_collect.py --in-dataset CIFAR-10 --name resnet18 \
         --model-arch resnet18-supcon --ckp path/to/last.pth --out-datasets SVHN dtd
 
-One forward pass per split; the vectors (PAPER §2 order: q00 q01 q10 q11 global center,
+One forward pass per split; the vectors (docs/METHOD.md §2 order: q00 q01 q10 q11 global center,
 not normalised), labels and, for models with a classifier, logits go to a feature store
 ``cache/<in-dataset>/<name>/<split>-<key>/`` (``util/store.py``): streamed to disk batch
 by batch (memory does not grow with the dataset), fp16 by default (``--dtype fp32``),
@@ -103,7 +103,7 @@ def resolve_test_norm(choice, spec, record):
 
     Default (``choice`` None): the statistics the checkpoint records it was trained with
     (ours do), else the authors' test pipeline (``paper``: CIFAR-10's constants for CIFAR-10
-    and CIFAR-100, PAPER §5b). ``train``: the ID set's own training statistics.
+    and CIFAR-100, docs/METHOD.md §5b). ``train``: the ID set's own training statistics.
     ``MEAN,STD``: 2·channels numbers, the means first (``'(0.5,0.5,0.5),(0.25,0.25,0.25)'``)."""
     if choice is None:
         if record.get('mean') and record.get('std'):

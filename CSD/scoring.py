@@ -1,4 +1,4 @@
-"""k-NN scores on multi-scale features: the KNN baseline and Cross-Scale Decision (PAPER §3).
+"""k-NN scores on multi-scale features: the KNN baseline and Cross-Scale Decision (docs/METHOD.md §3).
 
 Contract (as OpenOOD's post-processors): a score is fitted on ID training features and
 then maps test features to one number per image, **higher = more ID**.

@@ -7,7 +7,8 @@ import torch
 from tests.fixtures import write_cifar10, write_image_folder, write_svhn_mat
 
 os.environ.setdefault('MODE_NO_PROGRESS', '1')
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`-n 2`, as test.sh runs) each worker takes one core.
+torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope='session')
@@ -21,6 +22,15 @@ def data_root(tmp_path_factory):
     write_image_folder(str(root / 'ood_data' / 'places365' / 'test_subset'), 8, size=40, nested=True)
     write_image_folder(str(root / 'my_ood_folder'), 6, size=32)
     return root
+
+
+@pytest.fixture
+def tf32_flags():
+    """The process-wide fp32 precision flags (CUDA matmul, cuDNN conv), given back after the test."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    yield matmul, conv
+    matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def pytest_configure(config):

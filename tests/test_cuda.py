@@ -94,14 +94,6 @@ print('ok')
     assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.fixture
-def tf32_flags():
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    yield matmul, conv
-    matmul.fp32_precision, conv.fp32_precision = saved
-
-
 @pytest.mark.parametrize('tf32', [False, True])
 def test_features_and_scores_cuda_equal_cpu(data_root, tmp_path, tf32, tf32_flags):
     """feature_collect + CSD.py on cuda (torch and faiss search) against CPU, fp32 stores (an

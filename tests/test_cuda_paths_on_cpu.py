@@ -240,15 +240,6 @@ def test_pick_device_refuses_a_gpu_without_kernels(monkeypatch):
 
 
 # ---------------------------------------------------------------- 8. TF32 never reaches the "exact" paths
-@pytest.fixture
-def tf32_flags():
-    """The process-wide precision flags, given back after the test."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    yield matmul, conv
-    matmul.fp32_precision, conv.fp32_precision = saved
-
-
 @pytest.mark.parametrize('caller', ['legacy', 'high', 'new', 'none'])
 def test_exact_fp32_turns_tf32_off_and_restores_every_api(tf32_flags, caller):
     """Whatever API the caller used to allow TF32, the guard runs in IEEE fp32 and gives the

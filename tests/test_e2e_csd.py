@@ -100,7 +100,7 @@ def test_feature_collect_shapes_and_cache(data_root, tmp_path, capsys):
 
 
 def test_features_match_direct_forward(data_root, tmp_path):
-    """The stored vectors are PAPER §2's pooling of the model's own last-stage map: the fp32
+    """The stored vectors are docs/METHOD.md §2's pooling of the model's own last-stage map: the fp32
     store holds it as computed, the default fp16 store holds exactly its fp16 rounding."""
     from util import data as data_lib
     from util.features import multi_scale_pool

@@ -1,4 +1,4 @@
-"""cal_metric against slow references written from PAPER §6, scikit-learn, and exact answers."""
+"""cal_metric against slow references written from docs/METHOD.md §6, scikit-learn, and exact answers."""
 import numpy as np
 import pytest
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
@@ -22,7 +22,7 @@ def ref_auroc(known, novel):
 
 
 def ref_authors_curve(known, novel):
-    """(AUIN, AUOUT, DTERR) as PAPER §6 describes the authors' (= knn-ood's) code, one
+    """(AUIN, AUOUT, DTERR) as docs/METHOD.md §6 describes the authors' (= knn-ood's) code, one
     Python loop: sweep a threshold down through the pooled sorted scores, one point per
     distinct score, from (tp, fp) = (n_ID, n_OOD) to (0, 0); AUIN = trapezoid of
     tp/(tp+fp) over tpr on the points with tp+fp > 0, closed by precision 0 at tpr 0;

@@ -1,4 +1,4 @@
-"""Parity with the authors' pipeline (PAPER §5b, §6; issue 8), one test per item.
+"""Parity with the authors' pipeline (docs/METHOD.md §5b, §6; issue 8), one test per item.
 
 Each expectation is written from the paper's statement of what the authors' (and
 SupContrast's / knn-ood's) code does, not from our own code.
@@ -35,7 +35,7 @@ AUTHORS_C100_TRAIN = ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
 
 
 def authors_test_transform(mean, std, size=32):
-    """The authors' ``transform_test``, written out from PAPER §5b."""
+    """The authors' ``transform_test``, written out from docs/METHOD.md §5b."""
     return transforms.Compose([transforms.Resize((size, size)), transforms.CenterCrop(size),
                                transforms.ToTensor(), transforms.Normalize(mean, std)])
 
@@ -295,7 +295,7 @@ def test_authors_checkpoint_features_equal_authors_preprocessing(data_root, tmp_
             '--batch-size', '16', '--device', 'cpu', '--out-datasets', 'dtd', 'SVHN', '--dtype', 'fp32']
     splits = feature_collect.main(feature_collect.get_args_parser().parse_args(argv))
     # The authors' preprocessing, applied by hand to the dtd files (non-square JPEGs) and
-    # the CIFAR-10 test images, then the model's own forward pass and PAPER §2's pooling.
+    # the CIFAR-10 test images, then the model's own forward pass and docs/METHOD.md §2's pooling.
     tf = authors_test_transform(*AUTHORS_C10)
     dtd = ood_lib.get_ood_dataset('dtd', str(data_root), 'CIFAR-10')
     paths = dtd.paths

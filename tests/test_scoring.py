@@ -1,4 +1,4 @@
-"""knn_scores / csd_scores / MultiScaleKNN against brute-force numpy from PAPER §2-3."""
+"""knn_scores / csd_scores / MultiScaleKNN against brute-force numpy from docs/METHOD.md §2-3."""
 import numpy as np
 import pytest
 import torch
@@ -88,3 +88,26 @@ def test_multi_scale_pool_order_and_values():
 
 def test_center_slice():
     assert [center_slice(n) for n in (1, 2, 4, 7, 8)] == [slice(0, 1), slice(0, 2), slice(1, 3), slice(2, 5), slice(2, 6)]
+
+
+@pytest.mark.parametrize('n', [4 * 256 * 10, 4 * 256 * 10 + 1, 70_001])
+@pytest.mark.parametrize('k', [1, 10, 64])
+def test_two_pass_smallest_k_equals_topk(n, k):
+    """The CPU's two-pass k smallest (group minima first) gives topk's values exactly, with
+    indices that point at them: random blocks, blocks full of ties, an inf, a short last group."""
+    import torch
+
+    from util.knn import smallest_k
+    g = torch.Generator().manual_seed(n + k)
+    for block in (torch.rand(37, n, generator=g), torch.randint(0, 50, (37, n), generator=g).float()):
+        block[3, -1] = -1.0                                   # the minimum in the short last group
+        block[5, :] = float('inf')
+        block[5, 17] = 0.5
+        if n < 4 * 256 * k:
+            continue
+        values, idx = smallest_k(block, k)
+        ref = block.topk(k, dim=1, largest=False)
+        assert torch.equal(values, ref.values)
+        assert torch.equal(block.gather(1, idx), values) and (idx < n).all()
+        assert len(set(idx[0].tolist())) == k                 # k distinct columns
+    assert smallest_k(torch.rand(3, 100), 5)[0].shape == (3, 5)   # small blocks: topk itself

@@ -8,7 +8,7 @@ a list of two tensors for ``train_transform``). Every dataset has a ``.name``.
 An image file that cannot be decoded makes ``__getitem__`` return ``None`` (with a warning
 naming the file); load with ``collate_fn=collate_skip_none`` so such items are dropped.
 
-The on-disk layout (``datasets/README.md``, PAPER §7) is the one the authors' users
+The on-disk layout (``datasets/README.md``, docs/METHOD.md §7) is the one the authors' users
 already have, with every path relative to ``root`` (``--data_root``, default ``datasets``):
 
     cifar-10-batches-py/{data_batch_1..5,test_batch}   torchvision's CIFAR-10 pickles
@@ -56,7 +56,7 @@ class DatasetSpec:
 
 
 ID_DATASETS = {
-    # The authors', SupContrast's and knn-ood's constants (PAPER §5b), not the exact pixel
+    # The authors', SupContrast's and knn-ood's constants (docs/METHOD.md §5b), not the exact pixel
     # statistics (whose std is 0.2470, 0.2435, 0.2616): their checkpoints expect these.
     'CIFAR-10': DatasetSpec('CIFAR-10', 10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), 'cifar'),
     # Training statistics; the authors' *test* loader used CIFAR-10's (see paper_test_norm).
@@ -116,7 +116,7 @@ class TwoCrop:
 
 
 def paper_test_norm(spec):
-    """(mean, std) of the authors' test pipeline (PAPER §5b): CIFAR-10's constants for both
+    """(mean, std) of the authors' test pipeline (docs/METHOD.md §5b): CIFAR-10's constants for both
     CIFAR sets (the paper's CIFAR-100 rows were produced that way), else the set's own."""
     spec = get_spec(spec)
     if spec.name in ('CIFAR-10', 'CIFAR-100'):
@@ -137,7 +137,7 @@ def parse_floats(text, what='value'):
 
 def test_transform(spec, mean=None, std=None):
     """PIL image -> normalised tensor ``[channels, size, size]``, the authors' test pipeline
-    (PAPER §5b). ``mean``/``std`` default to the spec's.
+    (docs/METHOD.md §5b). ``mean``/``std`` default to the spec's.
 
     cifar style: ``Resize((size, size))`` -- a squash, the aspect ratio is not kept, exactly
     as the authors' ``transform_test`` -- then ``CenterCrop(size)`` (a no-op after the squash,
@@ -159,7 +159,7 @@ TRAIN_RECIPES = ('supcon', 'ce')
 
 
 def train_transform(spec, two_crop=True, recipe='supcon'):
-    """Training augmentation (PAPER §5); with ``two_crop`` the transform returns ``[view1, view2]``.
+    """Training augmentation (docs/METHOD.md §5); with ``two_crop`` the transform returns ``[view1, view2]``.
 
     ``recipe='supcon'``: RandomResizedCrop(size, scale 0.2-1), flip, ColorJitter(0.4, 0.4, 0.4,
     0.1) with p 0.8, RandomGrayscale p 0.2 (jitter and grey skipped for 1-channel sets: nothing

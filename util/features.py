@@ -1,4 +1,4 @@
-"""Multi-scale features (PAPER §2) and the one feature-extraction loop every score uses."""
+"""Multi-scale features (docs/METHOD.md §2) and the one feature-extraction loop every score uses."""
 import contextlib
 import math
 import os

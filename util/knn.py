@@ -44,6 +44,34 @@ def squared_norms(x, rows=1 << 16):
     return torch.cat([(b * b).sum(1) for b in x.split(rows)]) if len(x) else x.new_zeros(0)
 
 
+# The k smallest entries of each row of a distance block, on the CPU, in two passes: the
+# minimum of each group of GROUP columns, then a topk over the k groups with the smallest
+# minima only. Those k groups hold the k smallest entries (an entry outside them would have
+# k smaller group minima below it), so the values are topk's exactly; 3.5x faster than topk
+# for k = 10 on a 216,000-column block (bench/bench_csd.py). Large k gains nothing: topk then.
+GROUP, TWO_PASS_MAX_K = 256, 64
+
+
+def smallest_k(block, k):
+    """[rows, n] -> (values [rows, k] ascending, column indices [rows, k]), as
+    ``block.topk(k, dim=1, largest=False)`` (same values; among equal values the indices may
+    differ). Two passes on the CPU for small k (see GROUP), ``topk`` otherwise."""
+    rows, n = block.shape
+    if block.device.type != 'cpu' or k > TWO_PASS_MAX_K or n < 4 * GROUP * k or block.stride(1) != 1:
+        top = block.topk(k, dim=1, largest=False)
+        return top.values, top.indices
+    groups = n // GROUP
+    mins = block.as_strided((rows, groups, GROUP), (block.stride(0), GROUP, 1)).amin(2)    # [rows, G]
+    if groups * GROUP < n:
+        mins = torch.cat([mins, block[:, groups * GROUP:].amin(1, keepdim=True)], 1)      # the short last group
+    best = mins.topk(k, dim=1, largest=False, sorted=False).indices                       # [rows, k]
+    cols = (best[..., None] * GROUP + torch.arange(GROUP, device=block.device)).view(rows, -1)
+    outside = cols >= n                                                                   # past the short group's end
+    values = block.gather(1, cols.clamp_(max=n - 1)).masked_fill_(outside, float('inf'))
+    top = values.topk(k, dim=1, largest=False)
+    return top.values, cols.gather(1, top.indices)
+
+
 FAISS_GPU_MAX_K = 2048   # faiss's GPU k-selection stops here; larger k goes to the torch backend
 
 
@@ -226,9 +254,9 @@ class ExactKNN:
             for s in range(0, len(q), rows):
                 block = torch.addmm(bank_sq[None], queries[s:s + rows], bank.T, beta=1.0, alpha=-2.0)
                 block.add_(q_sq[s:s + rows])
-                top = block.topk(kk, dim=1, largest=False)
-                merged_d = torch.cat([best_d[s:s + rows], top.values], 1)
-                merged_i = torch.cat([best_i[s:s + rows], top.indices + start], 1)
+                top_d, top_i = smallest_k(block, kk)
+                merged_d = torch.cat([best_d[s:s + rows], top_d], 1)
+                merged_i = torch.cat([best_i[s:s + rows], top_i + start], 1)
                 keep = merged_d.topk(k, dim=1, largest=False)
                 best_d[s:s + rows] = keep.values
                 best_i[s:s + rows] = merged_i.gather(1, keep.indices)
@@ -247,10 +275,10 @@ class ExactKNN:
             block = buf[:len(qt)]
             torch.addmm(self.bank_sq[None], qt, self.bank.T, beta=1.0, alpha=-2.0, out=block)
             block.add_((qt * qt).sum(1, keepdim=True))
-            top = block.topk(k, dim=1, largest=False)   # sorted ascending
-            dists.append(top.values.cpu().numpy())
+            top_d, top_i = smallest_k(block, k)   # sorted ascending
+            dists.append(top_d.cpu().numpy())
             if need_indices:
-                idx.append(top.indices.cpu().numpy())
+                idx.append(top_i.cpu().numpy())
         return np.concatenate(dists), (np.concatenate(idx) if need_indices else None)
 
 

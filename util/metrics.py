@@ -1,4 +1,4 @@
-"""OOD metrics in the convention of the paper's tables (PAPER §6), and the table printer.
+"""OOD metrics in the convention of the paper's tables (docs/METHOD.md §6), and the table printer.
 
 Convention: ID is the positive class and a higher score means "more ID".
 - ``FPR``: the threshold is the ID score at index ``round(0.05 * n_id)`` (Python's round,

@@ -1,6 +1,6 @@
 """ResNets with SupContrast's state-dict names, and the ``--model-arch`` name table.
 
-Two encoder styles (PAPER §1):
+Two encoder styles (docs/METHOD.md §1):
 - CIFAR-style (``cifar_resnet*``): 3×3 stride-1 stem, no max-pool; the layer4 map is 4×4 at
   32×32 input. Blocks name their projection ``shortcut`` (``encoder.layer1.0.shortcut.0``),
   as in SupContrast's ``resnet_big.py``, so public SupCon/KNN checkpoints load.

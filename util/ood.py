@@ -1,4 +1,4 @@
-"""The OOD catalogue: every out-of-distribution set by name (PAPER §7, ``datasets/README.md``).
+"""The OOD catalogue: every out-of-distribution set by name (docs/METHOD.md §7, ``datasets/README.md``).
 
 ``get_ood_dataset(name, root, spec, transform)`` -> a dataset of ``(transform(image), -1)``;
 ``resolve_ood_name`` checks a name without reading data, so every name on a command line can
