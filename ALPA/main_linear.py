@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from util import data as data_lib
-from util.checkpoint import load_model, save_checkpoint
+from util.checkpoint import load_model, resolve_id_classes, save_checkpoint
 from util.errors import UserError, run_cli
-from util.lr_sched import adjust_learning_rate
+from util.lr_sched import adjust_learning_rate, parse_epochs
 from util.misc import WORKERS_HELP, default_workers, pick_device, progress, set_seed
 from util.networks import build_model
 
@@ -73,11 +73,10 @@ def main(args):
         raise UserError(f"{args.ckp} is a {info['arch']} model: the linear probe is for SupCon / MODE encoders "
                         f"(a CE model already has its classifier)")
     spec = data_lib.get_spec(DATASETS[args.dataset])
-    id_classes = args.id_classes if args.id_classes is not None else rec.get('id_classes')
-    if id_classes:
-        spec = data_lib.DatasetSpec(**{**spec.__dict__, 'num_classes': len(id_classes)})
+    id_classes = resolve_id_classes(args.id_classes, rec)
+    spec = spec.with_id_classes(id_classes)
     if rec.get('mean') and rec.get('std'):   # train and test the probe with the encoder's own normalisation
-        spec = data_lib.DatasetSpec(**{**spec.__dict__, 'mean': tuple(rec['mean']), 'std': tuple(rec['std'])})
+        spec = spec.replace(mean=tuple(rec['mean']), std=tuple(rec['std']))
     model = build_model(f'{base}-ce', num_classes=spec.num_classes, in_channel=rec.get('in_channel', spec.channels),
                         width=rec.get('width', 64))
     model.encoder.load_state_dict(encoder_model.encoder.state_dict())
@@ -94,7 +93,7 @@ def main(args):
     test = loader('test', data_lib.test_transform(spec), False)
     optimizer = torch.optim.SGD(model.fc.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    args.lr_decay_epochs_list = [int(x) for x in str(args.lr_decay_epochs).split(',') if x]
+    args.lr_decay_epochs_list = parse_epochs(args.lr_decay_epochs)
     print(f"linear probe on {info['arch']} from {args.ckp} | {spec.name} {len(train.dataset)} images | {device}")
     for epoch in range(1, args.epochs + 1):
         adjust_learning_rate(args, optimizer, epoch)

@@ -13,10 +13,8 @@ architecture record and the run's fingerprint; ``--resume auto`` continues a run
 the fingerprint matches (single-process CPU runs resume bit-exactly).
 """
 import argparse
-import math
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -38,8 +36,8 @@ from util.errors import UserError, run_cli
 from util.features import collect_features
 from util.fingerprint import TRAINING_CODE, fingerprint
 from util.knn import knn_accuracy
-from util.lr_sched import adjust_learning_rate
-from util.misc import WORKERS_HELP, autocast_dtype, default_workers, set_seed
+from util.lr_sched import adjust_learning_rate, cosine_lr, parse_epochs
+from util.misc import WORKERS_HELP, autocast_dtype, default_workers, seeded_indices, set_seed
 from util.networks import ENCODERS, build_model
 
 DATASET_NAMES = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'imagenet',
@@ -132,10 +130,7 @@ def resolve_spec(args):
             raise UserError(f"--mean {args.mean!r} and --std {args.std!r} need 1 or 3 numbers each, as many means as stds")
         classes = _path_classes(args.data_folder)
         return data_lib.DatasetSpec('path', len(classes), args.size, len(mean), mean, std, 'cifar')
-    spec = data_lib.get_spec(name)
-    if args.id_classes:
-        spec = data_lib.DatasetSpec(**{**spec.__dict__, 'num_classes': len(args.id_classes)})
-    return spec
+    return data_lib.get_spec(name).with_id_classes(args.id_classes)
 
 
 def _path_classes(folder):
@@ -191,15 +186,13 @@ def finalize_args(args):
     if args.dataset == 'path' and args.id_classes:
         raise UserError('--id_classes is not supported with --dataset path: put only the classes you want '
                         'in --data_folder')
-    args.lr_decay_epochs_list = [int(x) for x in str(args.lr_decay_epochs).split(',') if x]
+    args.lr_decay_epochs_list = parse_epochs(args.lr_decay_epochs)
     if args.batch_size > 256:
         args.warm = True
     args.warm_epochs = 10
     args.warmup_from = 0.01
     if args.cosine:
-        eta_min = args.learning_rate * args.lr_decay_rate ** 3
-        args.warmup_to = eta_min + (args.learning_rate - eta_min) * (
-            1 + math.cos(math.pi * args.warm_epochs / args.epochs)) / 2
+        args.warmup_to = cosine_lr(args.learning_rate, args.lr_decay_rate, args.warm_epochs, args.epochs)
     else:
         args.warmup_to = args.learning_rate
     args.model_name = run_folder_name(args, loss)
@@ -280,7 +273,7 @@ def id_accuracy(args, model, spec, device, k=20):
         train_loader = make('train')
         n_train = len(train_loader.dataset)
         if args.eval_max_train and args.eval_max_train < n_train:
-            keep = np.sort(np.random.default_rng(0).choice(n_train, args.eval_max_train, replace=False))
+            keep = seeded_indices(n_train, args.eval_max_train)
             train_loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(train_loader.dataset, keep.tolist()), batch_size=256, shuffle=False,
                 num_workers=args.num_workers, collate_fn=data_lib.collate_skip_none)

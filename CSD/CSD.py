@@ -11,6 +11,7 @@ under ``--output-dir/<in-dataset>/<name>/``.
 import argparse
 import importlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,17 @@ from util import distributed as dist_lib
 from util.errors import UserError, run_cli
 from util.knn import knn_accuracy
 from util.metrics import TABLE_COLUMNS, cal_metric, format_table, openood_rows, write_openood_csv, write_results
+from util.misc import seeded_indices
 
 # `python CSD/CSD.py` puts CSD/ first on the path, where this very file would shadow the CSD
 # package (`import CSD.scoring` would find CSD.py): run as a script, the modules beside it are
 # imported by their own names (they import only util.*, so nothing is loaded twice).
 _PACKAGE = 'CSD.' if __package__ else ''
-baselines = importlib.import_module(_PACKAGE + 'baselines')
+detectors = importlib.import_module(_PACKAGE + 'detectors')
 feature_collect = importlib.import_module(_PACKAGE + 'feature_collect')
 scoring = importlib.import_module(_PACKAGE + 'scoring')
 
-METHODS = list(scoring.SCALE_SETS) + list(baselines.BASELINES) + ['odin']
+METHODS = list(detectors.DETECTORS)
 
 
 def get_args_parser():
@@ -84,27 +86,39 @@ def get_args_parser():
     return parser
 
 
-def score_splits(splits, method, k, device, ood_names, backend='faiss', mem_budget=None, head=None, bank_chunk=None,
-                 approx=None):
-    """Fit ``method`` on the ID training split; -> (ID test scores, {ood: scores}, the fitted scorer or None)."""
-    if method == 'odin':   # computed with the model (odin_splits): already scores
-        return splits['test']['odin'], {n: splits[n]['odin'] for n in ood_names}, None
-    if method in baselines.BASELINES:
-        scorer = baselines.BASELINES[method]().fit(splits['train'], head)
-        return scorer.score(splits['test']), {n: scorer.score(splits[n]) for n in ood_names}, scorer
-    scorer = scoring.build_score(method, k, str(device), backend, mem_budget, bank_chunk, approx).fit(
-        splits['train']['features'])
-    id_scores = scorer.score(splits['test']['features'])
-    return id_scores, {n: scorer.score(splits[n]['features']) for n in ood_names}, scorer
+@dataclass(frozen=True)
+class SearchConfig:
+    """The k-NN search flags, resolved once: the backend, the distance block's byte budget,
+    streaming, and the approximate index's options."""
+    backend: str = 'faiss'
+    mem_budget: int = None
+    bank_chunk: object = None
+    approx: dict = None
+
+    @classmethod
+    def from_args(cls, args):
+        approx = ({'nlist': args.ivf_nlist, 'nprobe': args.ivf_nprobe} if args.search == 'ivf' else
+                  {'m': args.hnsw_m, 'ef_search': args.hnsw_ef} if args.search == 'hnsw' else None)
+        return cls(args.search, int(args.search_mem * 2**30) if args.search_mem else None, args.bank_chunk, approx)
+
+    @property
+    def exact_backend(self):
+        """The exact backend for what must be exact (ID accuracy, --k auto, the approximation check)."""
+        return self.backend if self.backend in scoring.SEARCH_BACKENDS else 'torch'
+
+    def kwargs(self):
+        return {'backend': self.backend, 'mem_budget': self.mem_budget, 'bank_chunk': self.bank_chunk,
+                'approx': self.approx}
 
 
-def evaluate(splits, method, k, device, ood_names, ood_positive_fpr=False, backend='faiss', mem_budget=None,
-             head=None, bank_chunk=None, approx=None):
-    """-> ({ood: metrics}, (ID scores, {ood: scores}), the fitted scorer or None)."""
-    id_scores, ood_scores, scorer = score_splits(splits, method, k, device, ood_names, backend, mem_budget, head,
-                                                 bank_chunk, approx)
+def evaluate(splits, method, k, context, ood_names, ood_positive_fpr=False):
+    """Fit ``method`` (any registered detector) on the ID training split and score the ID test
+    split and every OOD split -> ({ood: metrics}, (ID scores, {ood: scores}), the fitted detector)."""
+    detector = detectors.build_detector(method, k, context).fit(splits['train'], context)
+    id_scores = detector.score(splits['test'])
+    ood_scores = {n: detector.score(splits[n]) for n in ood_names}
     metrics = {n: cal_metric(id_scores, s, ood_positive_fpr=ood_positive_fpr) for n, s in ood_scores.items()}
-    return metrics, (id_scores, ood_scores), scorer
+    return metrics, (id_scores, ood_scores), detector
 
 
 def approximation_check(splits, method, scorer, scores, ood_names, device, sample, mem_budget=None):
@@ -118,7 +132,7 @@ def approximation_check(splits, method, scorer, scores, ood_names, device, sampl
     picks, hits, total = {}, 0, 0
     for name in ['test', *ood_names]:
         n = len(splits[name]['features'])
-        picks[name] = np.sort(rng.choice(n, min(sample, n), replace=False))
+        picks[name] = seeded_indices(n, min(sample, n), rng)
         q = scorer.select(np.asarray(splits[name]['features'])[picks[name]])
         q = q.reshape(-1, q.shape[-1])
         _, ia = scorer.search.search(q, scorer.k)
@@ -159,8 +173,10 @@ def parse_k(text):
 
 
 def _take(split, idx):
-    return {**{k: np.asarray(v)[idx] for k, v in split.items() if k in ('features', 'labels', 'logits', 'odin')},
-            'meta': {**split['meta'], 'n': len(idx)}}
+    """The rows ``idx`` of a split; ``rows`` remembers which images they are (ODIN re-reads them)."""
+    rows = np.asarray(split.get('rows', np.arange(len(split['features']))))[idx]
+    return {**{k: np.asarray(v)[idx] for k, v in split.items() if k in ('features', 'labels', 'logits')},
+            'rows': rows, 'meta': {**split['meta'], 'n': len(idx)}}
 
 
 def hold_out_validation(splits, val_ood):
@@ -169,7 +185,7 @@ def hold_out_validation(splits, val_ood):
     popped from the splits, so it is never reported."""
     test = splits['test']
     n = len(test['features'])
-    val = np.sort(np.random.default_rng(0).choice(n, max(1, n // 5), replace=False))
+    val = seeded_indices(n, max(1, n // 5))
     rest = np.setdiff1d(np.arange(n), val)
     splits['val_id'], splits['test'] = _take(test, val), _take(test, rest)
     splits['val_ood'] = splits.pop(val_ood)
@@ -190,24 +206,6 @@ def choose_k(validation, method, device, backend):
     best = max(results, key=lambda k: (results[k], -k))
     return best, {'grid': list(results), 'auroc': results, 'chosen': best,
                   'val_id': len(validation['val_id']['features']), 'val_ood': validation['name']}
-
-
-def odin_splits(args, model, info, spec, device, splits):
-    """ODIN scores of the ID test set and every OOD set, put beside each split's features
-    (``split['odin']``). They come from forward and backward passes of the model, not from the
-    feature cache, with the same test transform and the images in the same order."""
-    from util import data as data_lib
-    mean, std, _ = info['norm']
-    transform = data_lib.test_transform(spec, mean, std)
-    id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
-    names = args.out_datasets if args.out_datasets is not None else feature_collect.default_ood(spec.name, id_classes)
-    for name in ['test', *names]:
-        dataset, _ = feature_collect.split_dataset(args, spec, name, transform, id_classes)
-        label = feature_collect.split_label(name)
-        loader = feature_collect.make_loader(args, dataset, device)
-        scores = baselines.odin_scores(model, loader, device, std, args.odin_temperature, args.odin_epsilon,
-                                       batch_size=args.odin_batch_size)
-        splits[label] = {**splits[label], 'odin': scores}
 
 
 SANITY_RATIO = 0.95
@@ -241,98 +239,103 @@ def id_accuracy(splits, num_classes, device, backend):
     return 'kNN-20 vote', acc
 
 
+def parse_ks(args):
+    """--k against --method -> one k (or 'auto', or None for the paper's) per method."""
+    ks = [parse_k(k) for k in args.k] if args.k else [None] * len(args.method)
+    ks = ks * len(args.method) if len(ks) == 1 else ks
+    if len(ks) != len(args.method):
+        raise UserError(f"--k takes one value or one per --method ({len(args.method)}), got {len(ks)}")
+    return ks
+
+
+def make_context(args, run, search):
+    """The detectors' ``Context``: the model and an image reader only when a method runs the
+    network (ODIN); otherwise the model is dropped before the search needs the memory."""
+    runs_model = any('images' in getattr(detectors.build_detector(m, None), 'needs', ()) for m in args.method
+                     if not detectors.uses_k(m))
+    head = None
+    if getattr(run.model, 'fc', None) is not None:   # SupCEResNet or a linear probe: (W, b) for ViM / ReAct
+        head = (run.model.fc.weight.detach().cpu().numpy(), run.model.fc.bias.detach().cpu().numpy())
+    odin = {'temperature': args.odin_temperature, 'epsilon': args.odin_epsilon, 'batch_size': args.odin_batch_size,
+            'num_workers': args.num_workers, 'loader_batch': args.batch_size}
+    images = (lambda split: feature_collect.split_dataset(args, run, split)[0]) if runs_model else None
+    return detectors.Context(str(run.device), search.kwargs(), head, run.model if runs_model else None,
+                             tuple(run.norm[1]), images, odin)
+
+
+def report(args, run, splits, method, k, results, scores, detector, search, accuracy, selection, seconds):
+    """Print one method's table (with its header lines) and write its files."""
+    ood_names = list(results)
+    uses_k = detectors.uses_k(method)
+    name = f"{method.upper()} (k={k})" if uses_k else method.upper()
+    title = (f"{name} | ID {run.spec.name} | {run.info['arch']} | {run.name} | bank "
+             f"{splits['train']['features'].shape[0]} images | {feature_collect.describe_norm(run.norm)} | {seconds:.1f}s")
+    header = [f"ID accuracy ({accuracy[0]}): {100 * accuracy[1]:.2f}%"]
+    if args.max_ood is not None:
+        header.append(f"--max-ood {args.max_ood}: each OOD set is a seeded subset (" + ', '.join(
+            f"{n} {int(splits[n]['meta']['n'])}" for n in ood_names) + ' images)')
+    approx_check = None
+    if uses_k:
+        line, warning = distance_check(*scores)
+        header += [line] + ([warning] if warning else [])
+        if search.backend in scoring.APPROX_BACKENDS and args.approx_check > 0:
+            check_line, approx_check = approximation_check(splits, method, detector, scores, ood_names, run.device,
+                                                           args.approx_check, search.mem_budget)
+            header.append(check_line)
+    near = [n for n in (args.near or []) if n in ood_names]
+    columns = TABLE_COLUMNS + (('AUOUT',) if args.auout else ()) + (('FPR_OODpos',) if args.ood_positive_fpr else ())
+    print()
+    print(format_table(results, title, columns, near=near, header=header))
+    prefix = str(Path(args.output_dir) / run.spec.name / run.name / (f'{method}_k{k}' if uses_k else method))
+    meta = {'method': method, 'k': k, 'in_dataset': run.spec.name, 'arch': run.info['arch'], 'ckp': str(args.ckp),
+            'id_accuracy': {'how': accuracy[0], 'value': accuracy[1]}, 'near': near, 'k_selection': selection,
+            'search': search.backend, 'approximation': approx_check,
+            'test_norm': {'source': run.norm[2], 'mean': list(run.norm[0]), 'std': list(run.norm[1])},
+            'n_train': int(splits['train']['meta']['n']), 'n_test': int(splits['test']['meta']['n']),
+            'n_ood': {n: int(splits[n]['meta']['n']) for n in ood_names}, 'max_ood': args.max_ood}
+    files = write_results(results, prefix, columns, meta, near=near)
+    files.append(write_openood_csv(openood_rows(scores[0], scores[1], near, accuracy[1]), prefix + '_openood.csv'))
+    if args.save_scores:
+        np.savez(prefix + '_scores.npz', id=scores[0], **scores[1])
+        files.append(prefix + '_scores.npz')
+    print(f"written: {', '.join(files)}")
+
+
 def main(args):
-    methods = args.method
-    ks = [parse_k(k) for k in args.k] if args.k else [None] * len(methods)
-    if len(ks) == 1:
-        ks = ks * len(methods)
-    if len(ks) != len(methods):
-        raise UserError(f"--k takes one value or one per --method ({len(methods)}), got {len(ks)}")
-    auto = 'auto' in ks
-    device, spec, model, info = feature_collect.prepare(args)
-    if auto:
-        id_classes = args.id_classes or info['record'].get('id_classes')
-        reported = args.out_datasets if args.out_datasets is not None else feature_collect.default_ood(spec.name, id_classes)
-        if args.k_val_ood in reported:
-            raise UserError(f"--k-val-ood {args.k_val_ood} is also in --out-datasets: the validation set of --k auto "
-                            f"must not be reported")
-        args.out_datasets = [*reported, args.k_val_ood]
-    splits = feature_collect.get_splits(args, model, info, spec, device)
+    ks, search = parse_ks(args), SearchConfig.from_args(args)
+    run = feature_collect.prepare(args, extra_ood=[args.k_val_ood] if 'auto' in ks else ())
+    splits = feature_collect.get_splits(args, run)
     if dist_lib.is_dist():   # under torchrun the processes shared the extraction; rank 0 scores
         dist_lib.shutdown()
         if dist_lib.rank_from_env() != 0:
             return None
-    if 'odin' in methods:
-        odin_splits(args, model, info, spec, device, splits)
-    validation = hold_out_validation(splits, args.k_val_ood) if auto else None
-    head = None
-    if getattr(model, 'fc', None) is not None:   # SupCEResNet or a linear probe: (W, b) for ViM / ReAct
-        head = (model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy())
-    del model  # the search needs the memory now (a faiss GPU index allocates outside torch's cache)
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-    ood_names = [n for n in splits if n not in ('train', 'test', 'val_id', 'val_ood')]
+    validation = hold_out_validation(splits, args.k_val_ood) if 'auto' in ks else None
+    context = make_context(args, run, search)
+    if context.model is None and run.device.type == 'cuda':
+        torch.cuda.empty_cache()   # the search needs the memory now (a faiss GPU index allocates outside torch)
+    ood_names = [feature_collect.split_label(n) for n in run.ood if not validation or n != args.k_val_ood]
     if not ood_names:
         raise UserError('no OOD sets to score: pass --out-datasets')
-    near = [n for n in (args.near or []) if n in ood_names]
     unknown = sorted(set(args.near or []) - set(ood_names))
     if unknown:
         raise UserError(f"--near {' '.join(unknown)}: not among the OOD rows ({', '.join(ood_names)})")
-    columns = TABLE_COLUMNS + (('AUOUT',) if args.auout else ()) + (('FPR_OODpos',) if args.ood_positive_fpr else ())
-    out_dir = Path(args.output_dir) / spec.name / feature_collect.run_name(args)
-    exact_backend = args.search if args.search in scoring.SEARCH_BACKENDS else 'torch'   # ID accuracy, --k auto
-    accuracy = id_accuracy(splits, spec.num_classes, device, exact_backend)
-    acc_line = f"ID accuracy ({accuracy[0]}): {100 * accuracy[1]:.2f}%"
+    accuracy = id_accuracy(splits, run.spec.num_classes, run.device, search.exact_backend)
     all_results, all_scores = {}, {}
-    for method, k in zip(methods, ks):
-        uses_k = method in scoring.SCALE_SETS
+    for method, k in zip(args.method, ks):
         selection = None
-        if uses_k and k == 'auto':
-            k, selection = choose_k(validation, method, device, exact_backend)
+        if detectors.uses_k(method) and k == 'auto':
+            k, selection = choose_k(validation, method, run.device, search.exact_backend)
             print(f"\n--k auto for {method}: k = {k}, the best AUROC on validation data the table does not use "
                   f"({selection['val_id']} held-out ID test images vs {selection['val_ood']}, never reported)")
-        k = (scoring.default_k(method, spec.name) if k is None else k) if uses_k else None
+        k = (scoring.default_k(method, run.spec.name) if k is None else k) if detectors.uses_k(method) else None
         t0 = time.perf_counter()
-        mem = int(args.search_mem * 2**30) if args.search_mem else None
-        approx = ({'nlist': args.ivf_nlist, 'nprobe': args.ivf_nprobe} if args.search == 'ivf' else
-                  {'m': args.hnsw_m, 'ef_search': args.hnsw_ef} if args.search == 'hnsw' else None)
-        results, scores, scorer = evaluate(splits, method, k, device, ood_names, args.ood_positive_fpr, args.search,
-                                           mem, head, args.bank_chunk, approx if uses_k else None)
-        name = f"{method.upper()} (k={k})" if uses_k else method.upper()
-        title = (f"{name} | ID {spec.name} | {info['arch']} | {feature_collect.run_name(args)} "
-                 f"| bank {splits['train']['features'].shape[0]} images | {feature_collect.describe_norm(info['norm'])} "
-                 f"| {time.perf_counter() - t0:.1f}s")
-        header = [acc_line]
-        if args.max_ood is not None:
-            header.append(f"--max-ood {args.max_ood}: each OOD set is a seeded subset (" + ', '.join(
-                f"{n} {int(splits[n]['meta']['n'])}" for n in ood_names) + ' images)')
-        approx_check = None
-        if uses_k:
-            line, warning = distance_check(*scores)
-            header += [line] + ([warning] if warning else [])
-            if args.search in scoring.APPROX_BACKENDS and args.approx_check > 0:
-                check_line, approx_check = approximation_check(splits, method, scorer, scores, ood_names, device,
-                                                               args.approx_check, mem)
-                header.append(check_line)
-        print()
-        print(format_table(results, title, columns, near=near, header=header))
-        prefix = str(out_dir / (f'{method}_k{k}' if uses_k else method))
-        meta = {'method': method, 'k': k, 'in_dataset': spec.name, 'arch': info['arch'], 'ckp': str(args.ckp),
-                'id_accuracy': {'how': accuracy[0], 'value': accuracy[1]}, 'near': near, 'k_selection': selection,
-                'search': args.search, 'approximation': approx_check,
-                'test_norm': {'source': info['norm'][2], 'mean': list(info['norm'][0]), 'std': list(info['norm'][1])},
-                'n_train': int(splits['train']['meta']['n']), 'n_test': int(splits['test']['meta']['n']),
-                'n_ood': {n: int(splits[n]['meta']['n']) for n in ood_names}, 'max_ood': args.max_ood}
-        files = write_results(results, prefix, columns, meta, near=near)
-        files.append(write_openood_csv(openood_rows(scores[0], scores[1], near, accuracy[1]), prefix + '_openood.csv'))
-        if args.save_scores:
-            np.savez(prefix + '_scores.npz', id=scores[0], **scores[1])
-            files.append(prefix + '_scores.npz')
-        print(f"written: {', '.join(files)}")
-        all_results[method] = results
-        all_scores[method] = scores
-        del scorer   # the next method's index is built after this one is gone (a faiss GPU index holds GPU memory)
-    return {'results': all_results, 'scores': all_scores, 'splits': splits, 'out_dir': str(out_dir)}
+        results, scores, detector = evaluate(splits, method, k, context, ood_names, args.ood_positive_fpr)
+        report(args, run, splits, method, k, results, scores, detector, search, accuracy, selection,
+               time.perf_counter() - t0)
+        all_results[method], all_scores[method] = results, scores
+        del detector   # the next method's index is built after this one is gone (a faiss GPU index holds GPU memory)
+    out_dir = str(Path(args.output_dir) / run.spec.name / run.name)
+    return {'results': all_results, 'scores': all_scores, 'splits': splits, 'out_dir': out_dir}
 
 
 if __name__ == '__main__':

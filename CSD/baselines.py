@@ -21,10 +21,15 @@ geometry (ViM).
 - ``ssd`` SSD+ (Sehwag et al. 2021): on L2-normalised features, one mean and covariance per
   class (per k-means cluster without labels); score = −min_c Mahalanobis distance.
 """
+import importlib
+
 import numpy as np
 from scipy.special import logsumexp, softmax
 
 from util.errors import UserError
+
+# Imported as CSD.baselines, or as `baselines` beside `python CSD/CSD.py` (see CSD.py).
+Detector = importlib.import_module(('CSD.' if __package__ else '') + 'scoring').Detector
 
 GLOBAL = 4   # index of the global-average vector in the cached [N, 6, C] features
 
@@ -38,6 +43,10 @@ def _unit(x):
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
 
 
+def _head_of(context):
+    return getattr(context, 'head', None)
+
+
 def _logits(split, method):
     if 'logits' not in split:
         raise UserError(f"--method {method} needs a classifier's logits: use a CE checkpoint, or a SupCon one "
@@ -45,23 +54,23 @@ def _logits(split, method):
     return np.asarray(split['logits'], dtype=np.float64)
 
 
-class MSP:
+class MSP(Detector):
     needs = ('logits',)
 
-    def fit(self, train, head=None):
+    def fit(self, train, context=None):
         return self
 
     def score(self, split):
         return softmax(_logits(split, 'msp'), axis=1).max(axis=1)
 
 
-class Energy:
+class Energy(Detector):
     needs = ('logits',)
 
     def __init__(self, temperature=1.0):
         self.temperature = temperature
 
-    def fit(self, train, head=None):
+    def fit(self, train, context=None):
         return self
 
     def score(self, split):
@@ -85,10 +94,10 @@ def _min_mahalanobis(x, means, precisions):
     return best
 
 
-class Mahalanobis:
+class Mahalanobis(Detector):
     needs = ('labels',)
 
-    def fit(self, train, head=None):
+    def fit(self, train, context=None):
         x, y = _penultimate(train), np.asarray(train['labels'])
         self.classes = np.unique(y)
         self.means = np.stack([x[y == c].mean(0) for c in self.classes])
@@ -99,14 +108,14 @@ class Mahalanobis:
         return -_min_mahalanobis(_penultimate(split), self.means, self.precision)
 
 
-class SSD:
+class SSD(Detector):
     """SSD+ with labels; with ``clusters`` (or no labels) k-means clusters instead."""
     needs = ()
 
     def __init__(self, clusters=None, seed=0):
         self.clusters, self.seed = clusters, seed
 
-    def fit(self, train, head=None):
+    def fit(self, train, context=None):
         x = _unit(_penultimate(train))
         y = np.asarray(train['labels']) if 'labels' in train and self.clusters is None else None
         if y is None or (y < 0).any():
@@ -128,14 +137,14 @@ def _head(head, method):
     return np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64)
 
 
-class ReAct:
+class ReAct(Detector):
     needs = ('logits',)
 
     def __init__(self, percentile=90.0):
         self.percentile = percentile
 
-    def fit(self, train, head=None):
-        self.w, self.b = _head(head, 'react')
+    def fit(self, train, context=None):
+        self.w, self.b = _head(_head_of(context), 'react')
         self.clip = float(np.percentile(_penultimate(train), self.percentile))
         return self
 
@@ -144,14 +153,14 @@ class ReAct:
         return logsumexp(z, axis=1)
 
 
-class ViM:
+class ViM(Detector):
     needs = ('logits',)
 
     def __init__(self, dim=None):
         self.dim = dim
 
-    def fit(self, train, head=None):
-        w, b = _head(head, 'vim')
+    def fit(self, train, context=None):
+        w, b = _head(_head_of(context), 'vim')
         x = _penultimate(train)
         c = x.shape[1]
         self.u = -np.linalg.pinv(w) @ b
@@ -169,6 +178,39 @@ class ViM:
 
 
 BASELINES = {'msp': MSP, 'energy': Energy, 'mahalanobis': Mahalanobis, 'vim': ViM, 'react': ReAct, 'ssd': SSD}
+
+
+class ODIN(Detector):
+    """ODIN through the contract: ``fit`` takes the model, the Normalize std and the image
+    reader from the context; ``score(split)`` runs ``odin_scores`` over that split's images
+    (the rows of a split cut down by ``--k auto`` only: ``split['rows']``)."""
+    needs = ('images',)
+
+    def __init__(self, temperature=1000.0, epsilon=0.0014, batch_size=None, num_workers=0, loader_batch=256):
+        self.temperature, self.epsilon, self.batch_size = temperature, epsilon, batch_size
+        self.num_workers, self.loader_batch = num_workers, loader_batch
+
+    def fit(self, train, context=None):
+        self.model, self.std, self.images = getattr(context, 'model', None), context.std, context.images
+        self.device = context.device
+        if getattr(self.model, 'fc', None) is None:
+            raise UserError("--method odin needs a classifier: use a CE checkpoint, or a SupCon one through "
+                            "ALPA/main_linear.py (a linear probe)")
+        return self
+
+    def score(self, split):
+        import torch
+
+        from util.data import collate_skip_none
+        dataset = self.images(split['meta']['split'])
+        if 'rows' in split:
+            dataset = torch.utils.data.Subset(dataset, [int(i) for i in split['rows']])
+        device = torch.device(self.device)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.loader_batch, shuffle=False,
+                                             num_workers=self.num_workers, pin_memory=device.type == 'cuda',
+                                             collate_fn=collate_skip_none)
+        return odin_scores(self.model, loader, device, self.std, self.temperature, self.epsilon,
+                           batch_size=self.batch_size)
 
 
 def odin_scores(model, loader, device, std, temperature=1000.0, epsilon=0.0014, batch_size=None, log=print):

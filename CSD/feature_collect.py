@@ -21,19 +21,19 @@ import argparse
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from util import data as data_lib
 from util import distributed as dist_lib
 from util import ood as ood_lib
-from util.checkpoint import file_sha256, load_model
+from util.checkpoint import file_sha256, load_model, resolve_id_classes
 from util.errors import UserError, run_cli
 from util.features import SCALES
 from util.fingerprint import FEATURE_CODE, code_hash
-from util.misc import WORKERS_HELP, default_workers, progress
+from util.misc import WORKERS_HELP, default_workers, progress, seeded_indices
 from util.networks import MODEL_ARCHS
 from util.store import STORE_DTYPES, load_store, write_store
 
@@ -149,50 +149,36 @@ def split_dir(cache_root, in_dataset, name, split, key):
     return Path(cache_root) / in_dataset / name / f'{safe}-{key}'
 
 
-def run_name(args):
-    return args.name or Path(args.ckp).stem
-
-
-def get_splits(args, model, info, spec, device, force=False, log=print):
-    """Features for 'train', 'test' and each OOD set; reuse finished stores, extract the rest
-    (``util.store``: streamed to disk, resumable; under torchrun every process extracts its
-    share). -> {split: {'features', 'labels', ['logits'], 'meta'}}, memory-mapped."""
+def get_splits(args, run, force=False, log=print):
+    """Features for 'train', 'test' and each OOD set of ``run`` (``prepare``); reuse finished
+    stores, extract the rest (``util.store``: streamed to disk, resumable; under torchrun every
+    process extracts its share). -> {split: {'features', 'labels', ['logits'], 'meta'}}, memory-mapped."""
     if not dist_lib.is_main():
         log = lambda *a, **k: None
-    id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
-    mean, std, _ = info['norm']
-    transform = data_lib.test_transform(spec, mean, std)
+    transform = run.transform
     ckp_hash = file_sha256(args.ckp)
-    name = run_name(args)
-    out_names = args.out_datasets if args.out_datasets is not None else default_ood(args.in_dataset, id_classes)
-    # Every OOD name is checked before the first forward pass: a typo in the last name should
-    # not cost the minutes of extracting the ID training features first.
-    folders = {n for n in out_names if ood_lib.resolve_ood_name(n) not in ood_lib.OOD_DATASETS}
-    missing = [m for m in (ood_lib.missing_ood_folder(n, args.data_root) for n in out_names) if m]
-    if missing:
-        raise UserError('; '.join(missing))
     data_root = os.path.abspath(args.data_root)
     splits = {}
-    for split in ['train', 'test', *out_names]:
-        source = os.path.abspath(split) if split in folders else data_root
-        if spec.name == 'path' and split in ('train', 'test'):
+    for split in ['train', 'test', *run.ood]:
+        source = os.path.abspath(split) if split in run.ood_folders else data_root
+        if run.spec.name == 'path' and split in ('train', 'test'):
             source = os.path.abspath(args.in_train if split == 'train' else args.in_test)
-        key = cache_key(ckp_hash, info['arch'], spec.name, split, transform, id_classes, args.max_train, source,
-                        device.type, args.bank_fraction, args.dtype, getattr(args, 'max_ood', None))
-        path = split_dir(args.cache_dir, spec.name, name, split_label(split), key)
+        key = cache_key(ckp_hash, run.info['arch'], run.spec.name, split, transform, run.id_classes, args.max_train,
+                        source, run.device.type, args.bank_fraction, args.dtype, args.max_ood)
+        path = split_dir(args.cache_dir, run.spec.name, run.name, split_label(split), key)
         cached = None if force else load_store(path)
         if cached is not None:
             log(f"[cache] {split}: {cached['meta']['n']} images from {path}")
             splits[split_label(split)] = cached
             continue
-        dataset, keep = split_dataset(args, spec, split, transform, id_classes, log)
-        meta = {'split': split, 'in_dataset': spec.name, 'arch': info['arch'], 'ckp': str(args.ckp),
-                'ckp_sha256': ckp_hash, 'key': key, 'id_classes': id_classes, 'transform': repr(transform),
-                'device': device.type}
+        dataset, keep = split_dataset(args, run, split, log)
+        meta = {'split': split, 'in_dataset': run.spec.name, 'arch': run.info['arch'], 'ckp': str(args.ckp),
+                'ckp_sha256': ckp_hash, 'key': key, 'id_classes': run.id_classes, 'transform': repr(transform),
+                'device': run.device.type}
         bar = (lambda it, s=split: progress(it, desc=f'features {s}')) if dist_lib.is_main() else None
-        store = write_store(path, model, dataset, device, batch_size=args.batch_size, num_workers=args.num_workers,
-                            dtype=args.dtype, key=key, indices=keep, meta=meta, log=log, progress=bar,
-                            source=f"checkpoint {args.ckp}")
+        store = write_store(path, run.model, dataset, run.device, batch_size=args.batch_size,
+                            num_workers=args.num_workers, dtype=args.dtype, key=key, indices=keep, meta=meta, log=log,
+                            progress=bar, source=f"checkpoint {args.ckp}")
         if store['meta']['skipped']:
             log(f"[warn] {split}: skipped {store['meta']['skipped']} of {len(dataset)} unreadable files")
         log(f"[features] {split}: {store['meta']['n']} images -> {path}")
@@ -200,46 +186,40 @@ def get_splits(args, model, info, spec, device, force=False, log=print):
     return splits
 
 
-def split_dataset(args, spec, split, transform, id_classes, log=print):
+def split_dataset(args, run, split, log=print):
     """The dataset of one split ('train', 'test' or an OOD name/folder) under the test
     transform -> (dataset, indices or None). ``--max-train`` / ``--bank-fraction`` keep a seeded
     subset of the training images (``indices``: rows of the bank -> images of the training set),
     ``--max-ood`` one of each OOD set (ODIN's forward passes go through here too, so they see
     the same images in the same order)."""
-    keep = None
+    keep, spec, transform = None, run.spec, run.transform
     if split in ('train', 'test') and spec.name == 'path':
         folder = args.in_train if split == 'train' else args.in_test
         dataset = data_lib.image_folder(folder, transform, spec.mode, f'path-{split}',
                                         f'--in-{split} must be a folder of class subfolders')
     elif split in ('train', 'test'):
-        dataset = data_lib.get_id_dataset(spec.name, args.data_root, split, transform, id_classes,
+        dataset = data_lib.get_id_dataset(spec.name, args.data_root, split, transform, run.id_classes,
                                           download=args.download)
     else:
-        dataset = ood_lib.get_ood_dataset(split, args.data_root, spec, transform, id_classes)
+        dataset = ood_lib.get_ood_dataset(split, args.data_root, spec, transform, run.id_classes)
         ignored = getattr(dataset, 'ignored_files', [])
         if ignored:
             shown = ', '.join(os.path.basename(f) for f in ignored[:5]) + (' ...' if len(ignored) > 5 else '')
             log(f"[warn] {split}: ignored {len(ignored)} non-image files ({shown})")
     if split == 'train':
-        if args.bank_fraction is not None and not 0 < args.bank_fraction <= 1:
-            raise UserError(f"--bank-fraction {args.bank_fraction}: give a fraction in (0, 1]")
         size = min(args.max_train or len(dataset), max(1, round(args.bank_fraction * len(dataset)))
                    if args.bank_fraction else len(dataset))
         if size < len(dataset):
             dataset, keep = seeded_subset(dataset, size)
-    max_ood = getattr(args, 'max_ood', None)
-    if split not in ('train', 'test') and max_ood is not None:
-        if max_ood < 1:
-            raise UserError(f"--max-ood {max_ood}: give a positive number of images")
-        if max_ood < len(dataset):
-            dataset, keep = seeded_subset(dataset, max_ood)
+    if split not in ('train', 'test') and args.max_ood is not None and args.max_ood < len(dataset):
+        dataset, keep = seeded_subset(dataset, args.max_ood)
     return dataset, keep
 
 
 def seeded_subset(dataset, size):
     """The same ``size`` images of ``dataset`` on every run (seed 0), in dataset order ->
     (Subset, their indices)."""
-    keep = np.sort(np.random.default_rng(0).choice(len(dataset), size, replace=False))
+    keep = seeded_indices(len(dataset), size)
     return torch.utils.data.Subset(dataset, keep.tolist()), keep
 
 
@@ -279,10 +259,39 @@ def path_spec(args, info):
                                 tuple(rec['mean']), tuple(rec['std']), 'cifar')
 
 
-def prepare(args):
-    """Resolve device, checkpoint, model and dataset spec from the shared flags. Under
-    torchrun (``WORLD_SIZE`` > 1) the process group starts here and each process takes its
-    own GPU (``util.distributed.init_from_env``)."""
+@dataclass(frozen=True)
+class Run:
+    """What the flags and the checkpoint resolve to, once (``prepare``); every test-time step
+    reads it instead of re-deciding."""
+    device: torch.device
+    spec: data_lib.DatasetSpec   # the ID set, num_classes = the ID classes kept
+    model: torch.nn.Module
+    info: dict                   # load_model's: arch, record, opt, attention
+    norm: tuple                  # (mean, std, where they came from) of the test-time Normalize
+    id_classes: tuple            # the open-set protocol's ID classes; None = every class
+    ood: tuple                   # the OOD sets scored, names or folders, in table order
+    name: str                    # run name: cache/<in-dataset>/<name>/, results/<in-dataset>/<name>/
+
+    @property
+    def transform(self):
+        return data_lib.test_transform(self.spec, self.norm[0], self.norm[1])
+
+    @property
+    def ood_folders(self):
+        """The OOD entries that are folders, not catalogue names."""
+        return {n for n in self.ood if ood_lib.resolve_ood_name(n) not in ood_lib.OOD_DATASETS}
+
+
+def prepare(args, extra_ood=()):
+    """Resolve device, checkpoint, model, dataset spec, normalisation, ID classes and OOD sets
+    from the shared flags -> ``Run``. ``extra_ood``: sets scored but not reported (``--k auto``'s
+    validation set). Every OOD name and subset flag is checked here, before the first forward
+    pass. Under torchrun (``WORLD_SIZE`` > 1) the process group starts here and each process
+    takes its own GPU (``util.distributed.init_from_env``)."""
+    if args.bank_fraction is not None and not 0 < args.bank_fraction <= 1:
+        raise UserError(f"--bank-fraction {args.bank_fraction}: give a fraction in (0, 1]")
+    if args.max_ood is not None and args.max_ood < 1:
+        raise UserError(f"--max-ood {args.max_ood}: give a positive number of images")
     device = dist_lib.init_from_env(args.device)
     if str(args.in_dataset).lower() == 'path':
         model, info = load_model(args.ckp, args.model_arch, None)
@@ -291,26 +300,34 @@ def prepare(args):
         spec = data_lib.get_spec(args.in_dataset)
         model, info = load_model(args.ckp, args.model_arch, spec.name)
     args.in_dataset = spec.name
-    info['norm'] = resolve_test_norm(args.test_norm, spec, info['record'])
-    id_classes = args.id_classes if args.id_classes is not None else info['record'].get('id_classes')
-    if id_classes is not None:
-        spec = data_lib.DatasetSpec(**{**spec.__dict__, 'num_classes': len(id_classes)})
+    id_classes = resolve_id_classes(args.id_classes, info['record'])
+    spec = spec.with_id_classes(id_classes)
     in_channel = info['record'].get('in_channel')
     if in_channel is not None and in_channel != spec.channels:
         raise UserError(f"{args.ckp} expects {in_channel}-channel input but --in-dataset {spec.name} "
                         f"has {spec.channels}; check --in-dataset")
-    return device, spec, model.to(device), info
+    ood = list(args.out_datasets if args.out_datasets is not None else default_ood(spec.name, id_classes))
+    if extra_ood and set(extra_ood) & set(ood):
+        raise UserError(f"--k-val-ood {' '.join(extra_ood)} is also in --out-datasets: the validation set of "
+                        f"--k auto must not be reported")
+    ood += list(extra_ood)
+    # A typo in the last OOD name should not cost the minutes of extracting the training set first.
+    missing = [m for m in (ood_lib.missing_ood_folder(n, args.data_root) for n in ood) if m]
+    if missing:
+        raise UserError('; '.join(missing))
+    return Run(device, spec, model.to(device), info, resolve_test_norm(args.test_norm, spec, info['record']),
+               tuple(id_classes) if id_classes is not None else None, tuple(ood), args.name or Path(args.ckp).stem)
 
 
 def main(args):
     """One process, or ``torchrun --nproc_per_node=N CSD/feature_collect.py ...``: every
     image is extracted once, by one of the processes, into the same stores."""
-    device, spec, model, info = prepare(args)
+    run = prepare(args)
     say = print if dist_lib.is_main() else (lambda *a, **k: None)
-    say(f"model {info['arch']} from {args.ckp} on {device} | {describe_norm(info['norm'])}"
+    say(f"model {run.info['arch']} from {args.ckp} on {run.device} | {describe_norm(run.norm)}"
         + (f" | {dist_lib.world_size()} processes" if dist_lib.world_size() > 1 else ''))
     try:
-        splits = get_splits(args, model, info, spec, device, force=args.force)
+        splits = get_splits(args, run, force=args.force)
     finally:
         dist_lib.shutdown()
     for name, s in splits.items():

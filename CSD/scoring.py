@@ -31,6 +31,26 @@ DEFAULT_K = {'knn': 50, 'csd': 10, 'local': 10, 'global+center': 10}
 KNN_K_BY_DATASET = {'CIFAR-10': 50, 'CIFAR-100': 200, 'imagenet': 1000}
 
 
+class Detector:
+    """The one contract of every score (``CSD/detectors.py`` registers them): ``fit(train,
+    context)`` on the ID training split, then ``score(split)`` -> [N], **higher = more ID**.
+    ``train`` / ``split``: the feature store's dict (``features`` [N, 6, C], ``labels``,
+    ``logits``, ``meta``); ``context``: a ``CSD.detectors.Context``. ``needs``: what a split
+    must hold."""
+    needs = ('features',)
+
+    def fit(self, train, context=None):
+        return self
+
+    def score(self, split):
+        raise NotImplementedError
+
+
+def _features(x):
+    """A split dict's features, or the array itself."""
+    return x['features'] if isinstance(x, dict) else x
+
+
 def default_k(method, in_dataset=None):
     """The paper's k for ``method`` on ``in_dataset`` (a canonical ID name)."""
     if method == 'knn':
@@ -38,19 +58,21 @@ def default_k(method, in_dataset=None):
     return DEFAULT_K[method]
 
 
-class MultiScaleKNN:
-    """Fit on ID training features [N, 6, C]; ``score`` test features [Q, 6, C] -> [Q].
+class MultiScaleKNN(Detector):
+    """Fit on ID training features [N, 6, C]; ``score`` test features [Q, 6, C] -> [Q] (a split
+    dict or its features array, either way).
 
     ``scales`` picks the vectors used (names from ``util.features.SCALES``); with one scale
-    this is the KNN baseline, with all six it is CSD."""
+    this is the KNN baseline, with all six it is CSD. ``scales=None`` takes every vector of
+    features [N, M, C] of any M (``knn_scores`` / ``csd_scores``)."""
 
     def __init__(self, scales=SCALES, k=10, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None,
                  approx=None):
-        unknown = set(scales) - set(SCALES)
+        unknown = set(scales or ()) - set(SCALES)
         if unknown:
             raise UserError(f"unknown scales {sorted(unknown)}; known: {', '.join(SCALES)}")
-        self.scales = tuple(scales)
-        self.idx = [SCALES.index(s) for s in self.scales]
+        self.scales = tuple(scales) if scales is not None else None
+        self.idx = [SCALES.index(s) for s in self.scales] if scales is not None else None
         self.k = k
         self.device = device
         self.backend = backend
@@ -61,13 +83,17 @@ class MultiScaleKNN:
     def select(self, feats):
         """[N, 6, C] features -> this method's scales, L2-normalised, float32: [N, M, C]."""
         feats = np.asarray(feats)
-        if feats.ndim != 3 or feats.shape[1] != len(SCALES):
+        if feats.ndim != 3 or (self.scales is not None and feats.shape[1] != len(SCALES)):
             raise ValueError(f"expected features [N, {len(SCALES)}, C], got {feats.shape}")
-        return l2_normalize(feats[:, self.idx].astype(np.float32, copy=False))  # [N, M, C]
+        picked = feats if self.idx is None else feats[:, self.idx]
+        return l2_normalize(picked.astype(np.float32, copy=False))  # [N, M, C]
 
-    def fit(self, train_feats):
+    def fit(self, train, context=None):
         """``bank_chunk`` (bank rows per chunk) streams the bank through the device instead of
-        loading it whole: ``train_feats`` may then be a memory-mapped array of any size."""
+        loading it whole: the features may then be a memory-mapped array of any size."""
+        train_feats = _features(train)
+        if self.idx is None:
+            self.idx = list(range(np.shape(train_feats)[1]))
         if self.backend in APPROX_BACKENDS:
             bank = Bank(train_feats, self.idx) if self.bank_chunk else self.select(train_feats).reshape(
                 -1, np.shape(train_feats)[-1])
@@ -85,12 +111,13 @@ class MultiScaleKNN:
     def score(self, feats, return_scale=False):
         """-> scores [Q]; with ``return_scale`` also the name of the scale that decided each
         score (the argmax over scales of −d_k), e.g. for the k-NN retrieval figure."""
-        q = self.select(feats)
+        q = self.select(_features(feats))
         n, m, c = q.shape
         d = self.search.kth_distance(q.reshape(-1, c), self.k).reshape(n, m)   # [Q, M]
         scores = (-d).max(axis=1)
         if return_scale:
-            return scores, [self.scales[i] for i in (-d).argmax(axis=1)]
+            names = self.scales or tuple(range(m))
+            return scores, [names[i] for i in (-d).argmax(axis=1)]
         return scores
 
 
@@ -104,25 +131,13 @@ def build_score(method, k=None, device='cpu', backend='faiss', mem_budget=None, 
 
 
 def knn_scores(bank, queries, k, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
-    """bank [N, D], queries [Q, D] -> [Q] scores −d_k (higher = more ID). Inputs normalised here.
-    ``bank_chunk``: stream the bank (e.g. a memory-mapped array) in chunks of that many rows."""
-    if bank_chunk:
-        search = ExactKNN(Bank(bank[:, None], [0]), device, mem_budget=mem_budget, k_max=k, bank_chunk=bank_chunk)
-        return -search.kth_distance(l2_normalize(queries), k)
-    search = ExactKNN(l2_normalize(bank), device, backend=backend, mem_budget=mem_budget, k_max=k)
-    return -search.kth_distance(l2_normalize(queries), k)
+    """bank [N, D], queries [Q, D] -> [Q] scores −d_k (higher = more ID): CSD with one vector
+    per image. Inputs normalised here. ``bank_chunk``: stream the bank in chunks of that many rows."""
+    return csd_scores(bank[:, None], queries[:, None], k, device, backend, mem_budget, bank_chunk)
 
 
 def csd_scores(bank, queries, k, device='cpu', backend='faiss', mem_budget=None, bank_chunk=None):
     """bank [N, M, D], queries [Q, M, D] -> [Q] scores max_s(−d_{k,s}), where the bank pools
     all N·M vectors. Inputs normalised here. ``bank_chunk``: stream the bank (e.g. a
     memory-mapped array) in chunks of that many rows."""
-    queries = l2_normalize(queries)
-    n, m, d = queries.shape
-    if bank_chunk:
-        search = ExactKNN(Bank(bank, range(bank.shape[1])), device, mem_budget=mem_budget, k_max=k,
-                          bank_chunk=bank_chunk)
-        return (-search.kth_distance(queries.reshape(-1, d), k).reshape(n, m)).max(axis=1)
-    bank = l2_normalize(bank)
-    search = ExactKNN(bank.reshape(-1, bank.shape[-1]), device, backend=backend, mem_budget=mem_budget, k_max=k)
-    return (-search.kth_distance(queries.reshape(-1, d), k).reshape(n, m)).max(axis=1)
+    return MultiScaleKNN(None, k, device, backend, mem_budget, bank_chunk).fit(bank).score(queries)

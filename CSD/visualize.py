@@ -3,7 +3,6 @@
 Every function takes arrays (no model, no data loading) and writes one PNG with a title and
 labelled axes, so it can be reused on any ID/OOD pair.
 """
-import os
 
 import numpy as np
 
@@ -16,10 +15,9 @@ def _plt():
 
 
 def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=110, bbox_inches='tight')
-    os.replace(tmp, path)
+    from util.misc import atomic_path
+    with atomic_path(path, suffix='.png') as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches='tight')
     _plt().close(fig)
     return path
 

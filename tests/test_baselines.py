@@ -9,6 +9,7 @@ import pytest
 
 from CSD import CSD as csd_cli
 from CSD.baselines import BASELINES
+from CSD.detectors import Context
 from util.metrics import cal_metric
 
 
@@ -53,7 +54,7 @@ def test_vim_matches_its_definition():
     alpha = train['logits'].max(1).mean() / np.linalg.norm((x - u) @ null, axis=1).mean()
     expect = [math.log(sum(math.exp(v) for v in z)) - alpha * np.linalg.norm((q - u) @ null)
               for q, z in zip(test['features'][:, 4], test['logits'])]
-    np.testing.assert_allclose(BASELINES['vim']().fit(train, (w, b)).score(test), expect, rtol=1e-8)
+    np.testing.assert_allclose(BASELINES["vim"]().fit(train, Context(head=(w, b))).score(test), expect, rtol=1e-8)
 
 
 def test_react_and_ssd_match_their_definitions():
@@ -61,7 +62,7 @@ def test_react_and_ssd_match_their_definitions():
     test, _ = fixed_split(6)
     clip = np.percentile(train['features'][:, 4], 90)
     z = np.minimum(test['features'][:, 4], clip) @ w.T + b
-    np.testing.assert_allclose(BASELINES['react']().fit(train, (w, b)).score(test),
+    np.testing.assert_allclose(BASELINES["react"]().fit(train, Context(head=(w, b))).score(test),
                                np.log(np.exp(z).sum(1)), rtol=1e-10)
     unit = lambda a: a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-10)
     xt, y, q = unit(train['features'][:, 4]), train['labels'], unit(test['features'][:, 4])
@@ -80,7 +81,7 @@ def test_logit_methods_without_logits_are_one_line_errors():
     with pytest.raises(UserError, match='main_linear.py'):
         BASELINES['energy']().score(split)
     with pytest.raises(UserError, match='fc'):
-        BASELINES['vim']().fit(split, None)
+        BASELINES["vim"]().fit(split, Context())
 
 
 def test_cli_every_method_near_far_saved_scores_and_openood_export(data_root, tmp_path):
@@ -278,5 +279,5 @@ def test_our_detectors_give_pytorch_oods_scores():
                                2 * n * -maha.predict_features(f32(test['features'][:, 4])).double().numpy(), rtol=1e-3)
     vim = pood.ViM(None, d=4, w=torch.from_numpy(w), b=torch.from_numpy(b)).fit_features(zt, None)
     theirs = vim.predict_features(torch.from_numpy(test['features'][:, 4])).numpy()
-    ours = BASELINES['vim']().fit(train, (w, b)).score(test)
+    ours = BASELINES["vim"]().fit(train, Context(head=(w, b))).score(test)
     np.testing.assert_allclose(ours, -theirs, rtol=1e-4, atol=1e-4)   # theirs in float32

@@ -22,11 +22,11 @@ def test_fingerprint_sees_config_and_code():
 @pytest.mark.slow
 def test_main_job_retrains_after_a_code_change_and_reuses_otherwise(tmp_path):
     repo = tmp_path / 'repo'
-    for part in ('ALPA', 'CSD', 'util', 'bench'):
+    for part in ('ALPA', 'CSD', 'util', 'bench', 'experiments'):
         shutil.copytree(os.path.join(REPO, part), repo / part, ignore=shutil.ignore_patterns('__pycache__'))
     data = tmp_path / 'data'
     write_fashion_mnist(str(data), n_train=200, n_test=40)
-    cmd = [sys.executable, 'bench/mode_fmnist.py', '--seeds', '0', '--width', '4', '--batch-size', '8', '--epochs', '1',
+    cmd = [sys.executable, 'experiments/mode_fmnist.py', '--seeds', '0', '--width', '4', '--batch-size', '8', '--epochs', '1',
            '--steps-per-epoch', '2', '--finetune-epochs', '1', '--max-train', '60', '--data-root', str(data),
            '--out-dir', str(tmp_path / 'runs'), '--device', 'cpu', '--num-workers', '0', '--far', 'digits']
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bench import mode_fmnist
+from experiments import mode_fmnist
 from tests.fixtures import write_fashion_mnist
 from util.errors import UserError
 
@@ -66,7 +66,7 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     with pytest.raises(UserError, match='--summary-only: no seed'):
         mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--summary-only', *common, '--max-ood', '41']))
     # the release of seed 0 (stripped checkpoints + manifest), then --released re-scores them
-    from bench import release_checkpoints
+    from experiments import release_checkpoints
     dest = tmp_path / 'released'
     manifest = release_checkpoints.main(['--out-dir', str(tmp_path), '--seed', '0', '--dest', str(dest),
                                          '--commit', 'test'])

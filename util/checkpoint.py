@@ -155,19 +155,18 @@ def load_weights(model, state_dict, path='checkpoint', ignore=()):
     return model
 
 
+def resolve_id_classes(flag, record):
+    """The ID classes of a run: ``--id-classes`` when given, else what the checkpoint records
+    it was trained on (``record['id_classes']``), else None (every class)."""
+    return flag if flag is not None else record.get('id_classes')
+
+
 def save_checkpoint(obj, path):
-    """Atomic ``torch.save``: write ``path.tmp``, flush to disk, rename over ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    """Atomic ``torch.save`` (``util.misc.atomic_path``)."""
+    from util.misc import atomic_path
+    with atomic_path(path) as tmp:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 

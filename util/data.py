@@ -18,6 +18,7 @@ already have, with every path relative to ``root`` (``--data_root``, default ``d
     ood_data/svhn/selected_test_32x32.mat              made by select_svhn_data.py
     ood_data/<name>/...                                image folders, see OOD_DATASETS
 """
+import dataclasses
 import functools
 import gzip
 import os
@@ -48,6 +49,14 @@ class DatasetSpec:
     mean: tuple        # per-channel normalisation of [0,1] pixels
     std: tuple
     style: str         # 'cifar' (32-px stem, resize to `size`) | 'imagenet' (Resize 256 + CenterCrop 224)
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (the spec is frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_id_classes(self, id_classes):
+        """The spec of the open-set protocol that keeps ``id_classes`` (None: all classes)."""
+        return self.replace(num_classes=len(id_classes)) if id_classes else self
 
     @property
     def mode(self):

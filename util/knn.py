@@ -11,6 +11,7 @@ import torch
 
 from util.errors import UserError
 from util.features import exact_fp32
+from util.misc import seeded_indices
 
 try:
     import faiss
@@ -316,7 +317,7 @@ class ApproxKNN:
             if gpu:   # k-means assignments on the GPU; the trained index itself stays a CPU index until moved
                 index.clustering_index = faiss.index_cpu_to_gpu(gpu_resources(), self.device.index or 0,
                                                                 faiss.IndexFlatL2(self.dim))
-            sample = np.sort(np.random.default_rng(seed).choice(self.n, min(self.n, 64 * self.nlist), replace=False))
+            sample = seeded_indices(self.n, min(self.n, 64 * self.nlist), seed)
             index.train(self._gather(rows, sample, step, self.n))
             index.nprobe = self.nprobe = min(nprobe, self.nlist)
             self.describe = f"ivf (IndexIVFFlat, nlist {self.nlist}, nprobe {self.nprobe})"

@@ -3,11 +3,21 @@ linear warm-up per step. ``args`` carries the resolved schedule (``finalize_args
 import math
 
 
+def parse_epochs(text):
+    """'350,400,450' -> [350, 400, 450] (``--lr_decay_epochs``)."""
+    return [int(x) for x in str(text).split(',') if x.strip()]
+
+
+def cosine_lr(lr, decay_rate, epoch, epochs):
+    """SupContrast's cosine: from ``lr`` at epoch 0 to lr·decay_rate³ at ``epochs``."""
+    eta_min = lr * decay_rate ** 3
+    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
 def adjust_learning_rate(args, optimizer, epoch):
     lr = args.learning_rate
     if args.cosine:
-        eta_min = lr * args.lr_decay_rate ** 3
-        lr = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / args.epochs)) / 2
+        lr = cosine_lr(lr, args.lr_decay_rate, epoch, args.epochs)
     else:
         steps = sum(epoch > e for e in args.lr_decay_epochs_list)
         lr = lr * args.lr_decay_rate ** steps

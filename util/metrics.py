@@ -161,11 +161,7 @@ def write_results(results, prefix, columns=TABLE_COLUMNS, meta=None, near=None):
     file_columns = FILE_COLUMNS + tuple(c for c in columns if c not in FILE_COLUMNS)
     rows = results_table(results, file_columns, near)
 
-    def atomic(path, text):
-        tmp = path + '.tmp'
-        with open(tmp, 'w', newline='') as f:
-            f.write(text)
-        os.replace(tmp, path)
+    from util.misc import write_text_atomic as atomic
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator='\n')
@@ -209,8 +205,5 @@ def write_openood_csv(rows, path):
     writer.writerow(['dataset', 'FPR@95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC'])
     for name, r in rows:
         writer.writerow([name, *[f"{r[c]:.2f}" for c in ('FPR@95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC')]])
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    from util.misc import write_text_atomic
+    return write_text_atomic(path, buf.getvalue())

@@ -1,4 +1,5 @@
 """Small helpers shared by the entry scripts: device choice, precision choice, seeding, progress bars."""
+import contextlib
 import glob
 import os
 import random
@@ -134,6 +135,39 @@ def autocast_dtype(device, amp, prefer='auto'):
             native = torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if native else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=''):
+    """Write to a temporary name beside ``path`` and rename it over ``path`` only when the block
+    ends without an exception: a reader never sees a half-written file, and a kill while
+    writing leaves the old one. -> the temporary path (``suffix`` keeps an extension a writer
+    needs, e.g. '.png'). Flushed to disk before the rename."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path, text):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w', newline='') as f:
+            f.write(text)
+    return os.fspath(path)
+
+
+def seeded_indices(n, size, rng=0):
+    """``size`` of ``range(n)`` without replacement, sorted: the same ones on every run for a
+    given seed (``rng`` an int) or the next draw of a shared ``numpy.random.Generator``."""
+    rng = np.random.default_rng(rng) if isinstance(rng, (int, np.integer)) else rng
+    return np.sort(rng.choice(n, size, replace=False))
 
 
 def set_seed(seed):

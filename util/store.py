@@ -35,6 +35,7 @@ from util import distributed as dist_lib
 from util.data import collate_skip_none
 from util.errors import UserError
 from util.features import exact_fp32, iter_features
+from util.misc import atomic_path
 
 STORE_DTYPES = {'fp16': np.float16, 'fp32': np.float32}
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -318,13 +319,12 @@ def _finish(path, partial, state, indices, meta):
 def _compact(file, valid, block=65536):
     """Keep the rows of ``file`` where ``valid``, copying block by block (memory stays flat)."""
     src = np.load(file, mmap_mode='r')
-    tmp = file.with_name(file.stem + '.compact.npy')
-    dst = np.lib.format.open_memmap(tmp, mode='w+', dtype=src.dtype, shape=(int(valid.sum()), *src.shape[1:]))
-    at = 0
-    for s in range(0, len(src), block):
-        rows = np.asarray(src[s:s + block])[valid[s:s + block]]
-        dst[at:at + len(rows)] = rows
-        at += len(rows)
-    dst.flush()
-    del src, dst
-    os.replace(tmp, file)
+    with atomic_path(file) as tmp:
+        dst = np.lib.format.open_memmap(tmp, mode='w+', dtype=src.dtype, shape=(int(valid.sum()), *src.shape[1:]))
+        at = 0
+        for s in range(0, len(src), block):
+            rows = np.asarray(src[s:s + block])[valid[s:s + block]]
+            dst[at:at + len(rows)] = rows
+            at += len(rows)
+        dst.flush()
+        del src, dst

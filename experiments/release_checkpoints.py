@@ -1,6 +1,6 @@
 """Release one seed of the full Fashion-MNIST preset: stripped checkpoints + manifest.json.
 
-    python bench/release_checkpoints.py --out-dir runs/fmnist_full --seed 0 --dest checkpoints \
+    python experiments/release_checkpoints.py --out-dir runs/fmnist_full --seed 0 --dest checkpoints \
         --commit $(git rev-parse --short HEAD)
 
 For Base, ALPA-finetune, ALPA-train and CE, the seed's ``last.pth`` is copied without its
@@ -8,7 +8,7 @@ optimizer, GradScaler, RNG and step state (the model, the ALPA attention when th
 ``opt``, ``epoch``, the architecture record with the normalisation, and the run fingerprint
 stay), written atomically to ``<dest>/fmnist_<model>_seed<seed>.pth``. ``manifest.json`` lists
 each with its sha256, the command that trained and scored it, the machine, its ID accuracy
-and the KNN and CSD results (×100) that ``bench/mode_fmnist.py`` printed for it, with the
+and the KNN and CSD results (×100) that ``experiments/mode_fmnist.py`` printed for it, with the
 bank they were scored on (``max_train``: null = all 36,000 ID training images), the OOD
 subset size (``max_ood``: null = every image of each OOD set) and the command that re-scores it.
 """
@@ -20,6 +20,8 @@ import subprocess
 from pathlib import Path
 
 import torch
+
+from util.misc import write_text_atomic
 
 RELEASED = ['Base', 'ALPA-finetune', 'ALPA-train', 'CE']
 KEEP = ('model', 'attention', 'opt', 'epoch', 'arch', 'fingerprint')
@@ -39,18 +41,18 @@ def machine():
 
 def main(argv=None):
     p = argparse.ArgumentParser('release full-preset checkpoints')
-    p.add_argument('--out-dir', required=True, help="bench/mode_fmnist.py's --out-dir of the full preset")
+    p.add_argument('--out-dir', required=True, help="experiments/mode_fmnist.py's --out-dir of the full preset")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--dest', default='checkpoints')
     p.add_argument('--commit', required=True, help='the commit the preset ran at')
     p.add_argument('--command', default=None, help='the preset command (default: the usual one for --seed)')
     args = p.parse_args(argv)
-    from bench.mode_fmnist import slug
+    from experiments.mode_fmnist import slug
     from util.checkpoint import file_sha256, read_checkpoint, save_checkpoint
     out, dest = Path(args.out_dir), Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     summary = json.loads((out / 'summary.json').read_text()) if (out / 'summary.json').exists() else {}
-    command = args.command or f"python bench/mode_fmnist.py --preset full --seeds {args.seed}"
+    command = args.command or f"python experiments/mode_fmnist.py --preset full --seeds {args.seed}"
     entries = []
     for mode in RELEASED:
         run = out / f'seed{args.seed}' / slug(mode)
@@ -90,13 +92,11 @@ def main(argv=None):
                         'max_train': max_train, 'max_ood': max_ood, 'k': ks, 'results': results})
         print(f"{file}: {entries[-1]['sha256'][:12]}..., {entries[-1]['bytes'] / 1e6:.1f} MB, ID accuracy "
               f"{entries[-1]['id_accuracy']['percent']}% ({id_acc['how']})")
-    manifest = {'protocol': 'Fashion-MNIST, ID classes 0-5 (bench/mode_fmnist.py); OOD rows as listed: held-out '
+    manifest = {'protocol': 'Fashion-MNIST, ID classes 0-5 (experiments/mode_fmnist.py); OOD rows as listed: held-out '
                             'classes 6-9 (near), digits / gaussian / uniform (far); results x100, FPR = FPR95 with '
                             'ID positive',
                 'commit': args.commit, 'seed': args.seed, 'checkpoints': entries}
-    tmp = dest / 'manifest.json.tmp'
-    tmp.write_text(json.dumps(manifest, indent=1) + '\n')
-    os.replace(tmp, dest / 'manifest.json')
+    write_text_atomic(dest / 'manifest.json', json.dumps(manifest, indent=1) + '\n')
     print(f"written: {dest / 'manifest.json'}")
     return manifest
 

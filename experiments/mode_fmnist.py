@@ -1,10 +1,10 @@
 """MODE on real data this machine has: Fashion-MNIST, open-set protocol, CPU-sized.
 
-    python bench/mode_fmnist.py --seeds 0 --figures          # the main job (demo.sh), one seed
-    python bench/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
-    python bench/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~2 h a seed, 1 thread)
-    python bench/mode_fmnist.py --preset full --seeds 1 2    # later; the summary covers every seed found
-    python bench/mode_fmnist.py --released checkpoints       # no training: score the released checkpoints
+    python experiments/mode_fmnist.py --seeds 0 --figures          # the main job (demo.sh), one seed
+    python experiments/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
+    python experiments/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~2 h a seed, 1 thread)
+    python experiments/mode_fmnist.py --preset full --seeds 1 2    # later; the summary covers every seed found
+    python experiments/mode_fmnist.py --released checkpoints       # no training: score the released checkpoints
 
 ID = Fashion-MNIST classes 0-5 (T-shirt, trouser, pullover, dress, coat, sandal); OOD =
 the held-out classes 6-9 (near OOD: shirt, sneaker, bag, ankle boot) and far OOD: sklearn's
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from util.errors import UserError
+from util.misc import seeded_indices
 
 FMNIST_CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot']
 NEAR = ['fashion-mnist-heldout']
@@ -96,7 +97,7 @@ def get_args_parser():
     p.add_argument('--probe-epochs', type=int, default=None,
                    help='linear-probe epochs for the SupCon encoders (0: no probe; default: the preset\'s, full 3)')
     p.add_argument('--released', nargs='?', const='checkpoints', default=None, metavar='DIR',
-                   help='no training: score the checkpoints listed in DIR/manifest.json (bench/release_checkpoints.py) '
+                   help='no training: score the checkpoints listed in DIR/manifest.json (experiments/release_checkpoints.py) '
                         'on the bank they were released with, print the same tables and figures, and compare with '
                         'the recorded results (DIR default ./checkpoints; --out-dir default then runs/fmnist_released)')
     p.add_argument('--summary-only', action='store_true',
@@ -203,7 +204,7 @@ def protocol_config(args):
     from util.fingerprint import code_hash
     skip = {'seeds', 'out_dir', 'data_root', 'num_workers', 'device', 'figures', 'download', 'search', 'summary_only'}
     config = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
-    config['code'] = code_hash(('ALPA', 'CSD', 'util', 'bench/mode_fmnist.py'))   # never merge old code's numbers
+    config['code'] = code_hash(('ALPA', 'CSD', 'util', 'experiments/mode_fmnist.py'))   # never merge old code's numbers
     return config
 
 
@@ -274,7 +275,7 @@ def draw_figures(args, seed, scored, out):
     for model in ('Base', 'ALPA-finetune', 'ALPA-train'):
         sp = scored[model]['splits']
         if pick is None:
-            pick = {n: np.sort(rng.choice(len(sp[n]['features']), min(size, len(sp[n]['features'])), replace=False))
+            pick = {n: seeded_indices(len(sp[n]['features']), min(size, len(sp[n]['features'])), rng)
                     for n, size in (('test', 1200), ('fashion-mnist-heldout', 300), ('digits', 300)) if n in sp}
         feats = np.concatenate([l2_normalize(np.asarray(sp[n]['features'][pick[n], 4])) for n in pick])
         ood_label = {'fashion-mnist-heldout': -1, 'digits': -2}
