@@ -1,7 +1,7 @@
 """CSD over a bank larger than memory: a synthetic disk-backed bank, streamed exact search.
 
-    python bench/bench_scale.py --bank 1000000 --dim 256 --queries 1000 --store /tmp/bank_1m_256
-    python bench/bench_scale.py --bank 1000000 --dim 256 --store /tmp/bank_1m_256 --ivf 1 4 16 64
+    python bench/bench_scale.py --bank 1000000 --dim 256 --queries 1000 --store runs/bank_1m_256
+    python bench/bench_scale.py --bank 1000000 --dim 256 --store runs/bank_1m_256 --ivf 1 4 16 64
     python bench/bench_scale.py --store CACHE/train-KEY --query-store CACHE/test-KEY --queries 6000 --ivf 1 4 32
 
 Writes (or reuses) ``--store``: a finished feature store (``util/store.py``'s layout:

@@ -1,7 +1,7 @@
 """Streamed exact search (``CSD.py --bank-chunk``) per method on a disk-backed store: the time
 to score one split, and how many numbers were read from the bank.
 
-    python bench/bench_streamed.py --store /tmp/bank_300k --images 300000 --dim 128 --queries 20000
+    python bench/bench_streamed.py --store runs/bank_300k --images 300000 --dim 128 --queries 20000
 
 Writes (or reuses) ``--store`` with ``bench/bench_scale.py``'s writer ([images, 6, dim] fp16,
 seeded Gaussian), then scores ``--queries`` images × their scales with each ``--method``
