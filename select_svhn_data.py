@@ -9,7 +9,6 @@ keep an image while fewer than 1000 of its label have been kept. Labels stay as 
 32x32x3xN uint8 and ``y`` Nx1, written to a temporary file and renamed, so an interrupted
 run never leaves a half-written subset behind.
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -17,13 +16,14 @@ import tempfile
 import numpy as np
 import scipy.io
 
+from util.cli import Parser
 from util.errors import UserError, run_cli
 
 SVHN_LABELS = tuple(range(1, 11))  # SVHN stores digit 0 as label 10
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], add_help=True)
+    p = Parser(description=__doc__.split('\n\n')[0], add_help=True)
     p.add_argument('--root', default=os.path.join('datasets', 'ood_data', 'svhn'),
                    help="folder holding test_32x32.mat; the subset is written next to it "
                         "(default: datasets/ood_data/svhn)")

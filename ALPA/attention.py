@@ -183,7 +183,7 @@ class AttentionSimilarity(nn.Module):
 
     Args:
         hidden_size: C, channels of the input maps.
-        inner_size: d, width of query/key/value (`--feat_dim`, default 80).
+        inner_size: d, width of query/key/value (`--feat-dim`, default 80).
         aggregation: how the HW per-position scores c_i become one number:
             'mean' (default), 'max', 'sum', or 'logsum' = log Σ_i exp(λ c_i) / λ.
         lambda_lse: λ of 'logsum' (default 6).

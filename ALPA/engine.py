@@ -1,7 +1,7 @@
 """One training epoch (MAE-style engine): the per-step losses and ``train_one_epoch``.
 
-Modes (docs/METHOD.md §5): Base (SupCon on the head, or cross-entropy), ``--alpa_train`` (the base
-loss + λ·ALPA on the last-stage maps of both views), ``--alpa_finetune`` (ALPA alone).
+Modes (docs/METHOD.md §5): Base (SupCon on the head, or cross-entropy), ``--alpa-train`` (the base
+loss + λ·ALPA on the last-stage maps of both views), ``--alpa-finetune`` (ALPA alone).
 Argparse, setup, checkpoints and the epoch loop live in ``main_supcon.py``.
 """
 import time
@@ -56,7 +56,7 @@ class Trainer:
         return terms
 
     def train_one_epoch(self, loader, epoch, global_step):
-        """One pass over ``loader``. Numbers leave the device only every ``--print_freq`` steps
+        """One pass over ``loader``. Numbers leave the device only every ``--print-freq`` steps
         and at the end (each read is a host sync): the running sums, and the index of the
         first step whose loss was not finite, stay on the device until then."""
         args = self.args

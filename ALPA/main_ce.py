@@ -1,9 +1,9 @@
 """Cross-entropy baseline, and ALPA-train / ALPA-finetune with a CE backbone (the * rows).
 
-    Base:           python ALPA/main_ce.py --batch_size 256 --learning_rate 0.2 --cosine
-    ALPA-train:     python ALPA/main_ce.py --batch_size 128 --learning_rate 0.2 --cosine --alpa_train
-    ALPA-finetune:  python ALPA/main_ce.py --batch_size 128 --learning_rate 0.1 --cosine \
-                        --alpa_finetune --ckp save/SupCE/cifar10_models/<base run>/last.pth
+    Base:           python ALPA/main_ce.py --batch-size 256 --learning-rate 0.2 --cosine
+    ALPA-train:     python ALPA/main_ce.py --batch-size 128 --learning-rate 0.2 --cosine --alpa-train
+    ALPA-finetune:  python ALPA/main_ce.py --batch-size 128 --learning-rate 0.1 --cosine \
+                        --alpa-finetune --ckp save/SupCE/cifar10_models/<base run>/last.pth
 
 The same entry as ``main_supcon.py`` with the CE loss, SupContrast's CE augmentation and
 its defaults (batch 256); every flag is documented there and in ``--help``.

@@ -10,7 +10,6 @@ SupContrast's recipe: SGD (momentum 0.9, no weight decay), batch 256, lr 0.1 dec
 epochs 60, 75, 90 of 100, RandomResizedCrop(32, 0.2-1) + flip; the encoder stays in eval
 mode (BatchNorm statistics frozen) and gets no gradient.
 """
-import argparse
 import os
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from util import data as data_lib
 from util.checkpoint import load_model, resolve_id_classes, save_checkpoint
+from util.cli import Parser
 from util.errors import UserError, run_cli
 from util.lr_sched import adjust_learning_rate, parse_epochs
 from util.misc import WORKERS_HELP, default_workers, pick_device, progress, set_seed
@@ -27,25 +27,26 @@ DATASETS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet': 'imagene
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('MODE linear probe', add_help=True)
+    p = Parser('MODE linear probe', add_help=True)
     p.add_argument('--ckp', required=True, help='the SupCon / MODE checkpoint whose encoder is probed')
     p.add_argument('--dataset', default='cifar10', choices=list(DATASETS), help='ID set (default cifar10)')
-    p.add_argument('--data_folder', default='datasets', help='data root (default ./datasets)')
-    p.add_argument('--id_classes', type=int, nargs='+', default=None,
+    p.add_argument('--data-root', '--data_folder', default='datasets',
+                   help="data root, the authors' --data_folder (default ./datasets)")
+    p.add_argument('--id-classes', type=int, nargs='+', default=None,
                    help='open-set protocol: these classes only (default: what the checkpoint records, else all)')
-    p.add_argument('--batch_size', type=int, default=256, help='images per step (default 256)')
+    p.add_argument('--batch-size', type=int, default=256, help='images per step (default 256)')
     p.add_argument('--epochs', type=int, default=100, help='epochs (default 100)')
-    p.add_argument('--learning_rate', type=float, default=0.1, help='learning rate (default 0.1)')
-    p.add_argument('--lr_decay_epochs', default='60,75,90', help='step-decay epochs (default 60,75,90)')
-    p.add_argument('--lr_decay_rate', type=float, default=0.2, help='step decay factor (default 0.2)')
+    p.add_argument('--learning-rate', type=float, default=0.1, help='learning rate (default 0.1)')
+    p.add_argument('--lr-decay-epochs', default='60,75,90', help='step-decay epochs (default 60,75,90)')
+    p.add_argument('--lr-decay-rate', type=float, default=0.2, help='step decay factor (default 0.2)')
     p.add_argument('--cosine', action='store_true', help='cosine schedule instead of steps')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
-    p.add_argument('--weight_decay', type=float, default=0.0, help='SGD weight decay (default 0)')
-    p.add_argument('--max_steps', type=int, default=None, help='stop each epoch after this many steps (smoke tests)')
-    p.add_argument('--num_workers', type=int, default=default_workers(), help=WORKERS_HELP)
+    p.add_argument('--weight-decay', type=float, default=0.0, help='SGD weight decay (default 0)')
+    p.add_argument('--max-steps', type=int, default=None, help='stop each epoch after this many steps (smoke tests)')
+    p.add_argument('--num-workers', type=int, default=default_workers(), help=WORKERS_HELP)
     p.add_argument('--device', default=None, help='cpu, cuda, cuda:N (default cuda when present, else cpu)')
     p.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
-    p.add_argument('--save_folder', default=None, help='where linear.pth goes (default: beside --ckp)')
+    p.add_argument('--save-folder', default=None, help='where linear.pth goes (default: beside --ckp)')
     p.add_argument('--download', action='store_true', help='let torchvision download CIFAR/Fashion-MNIST if missing')
     return p
 
@@ -85,7 +86,7 @@ def main(args):
         p.requires_grad_(False)
 
     def loader(split, transform, shuffle):
-        ds = data_lib.get_id_dataset(spec.name, args.data_folder, split, transform, id_classes, download=args.download)
+        ds = data_lib.get_id_dataset(spec.name, args.data_root, split, transform, id_classes, download=args.download)
         return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.num_workers,
                                            pin_memory=device.type == 'cuda', collate_fn=data_lib.collate_skip_none)
 

@@ -8,7 +8,6 @@ stale). For each method the table has one row per OOD set and an ``AVG`` row, co
 FPR (FPR95, ID positive) AUROC AUIN, ×100; it is also written as CSV, JSON and Markdown
 under ``--output-dir/<in-dataset>/<name>/``.
 """
-import argparse
 import importlib
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from util import distributed as dist_lib
+from util.cli import Parser
 from util.errors import UserError, run_cli
 from util.knn import knn_accuracy
 from util.metrics import TABLE_COLUMNS, cal_metric, format_table, openood_rows, write_openood_csv, write_results
@@ -35,7 +35,7 @@ METHODS = list(detectors.DETECTORS)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MODE test-time OOD detection (KNN / CSD)', add_help=True)
+    parser = Parser('MODE test-time OOD detection (KNN / CSD)', add_help=True)
     feature_collect.add_feature_args(parser)
     parser.add_argument('--method', nargs='+', default=['knn', 'csd'], choices=METHODS,
                         help='scores to report: k-NN scores knn csd local global+center; post-hoc baselines msp '

@@ -17,7 +17,6 @@ code, so a store made from anything else is never reused.
 splits every set into contiguous runs of batches, one per process: each image is extracted
 once, and the store is byte-identical to one process's.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from util import data as data_lib
 from util import distributed as dist_lib
 from util import ood as ood_lib
 from util.checkpoint import file_sha256, load_model, resolve_id_classes
+from util.cli import Parser
 from util.errors import UserError, run_cli
 from util.features import SCALES
 from util.fingerprint import FEATURE_CODE, code_hash
@@ -53,7 +53,7 @@ def add_feature_args(parser):
                              "model trained with --dataset path; see --in-train / --in-test) (default CIFAR-10)")
     parser.add_argument('--in-train', default=None,
                         help='with --in-dataset path: the ID training folder <class>/<image> (default: the '
-                             '--data_folder the checkpoint was trained on)')
+                             '--data-root the checkpoint was trained on)')
     parser.add_argument('--in-test', default=None, help='with --in-dataset path: the ID test folder <class>/<image>')
     parser.add_argument('--out-datasets', nargs='+', default=None,
                         help='OOD sets by name (SVHN dtd places365 LSUN iSUN LSUN_fix ImageNet_fix Imagenet_resize '
@@ -63,7 +63,8 @@ def add_feature_args(parser):
     parser.add_argument('--model-arch', default=None,
                         help=f"architecture, one of {', '.join(MODEL_ARCHS)} (default: read from the checkpoint)")
     parser.add_argument('--ckp', required=True, help='checkpoint path (ours, the authors\', SupContrast\'s or a state_dict)')
-    parser.add_argument('--data-root', default='datasets', help='data root (default ./datasets)')
+    parser.add_argument('--data-root', '--data_folder', default='datasets',
+                   help="data root, the authors' --data_folder (default ./datasets)")
     parser.add_argument('--id-classes', type=int, nargs='+', default=None,
                         help='open-set protocol: ID classes kept (default: read from the checkpoint, else all)')
     parser.add_argument('--batch-size', type=int, default=256, help='images per forward pass (default 256)')
@@ -91,7 +92,7 @@ def add_feature_args(parser):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MODE feature collection', add_help=True)
+    parser = Parser('MODE feature collection', add_help=True)
     add_feature_args(parser)
     parser.add_argument('--force', action='store_true', help='recompute even when a valid cache exists')
     return parser
@@ -251,7 +252,8 @@ def path_spec(args, info):
         raise UserError(f"{args.ckp} does not record {', '.join(missing)}: --in-dataset path needs a checkpoint "
                         f"trained here with --dataset path")
     if args.in_train is None:
-        args.in_train = getattr(opt, 'data_folder', None) if opt is not None else None
+        # the training run's --data-root (stored as data_folder by older checkpoints)
+        args.in_train = (getattr(opt, 'data_root', None) or getattr(opt, 'data_folder', None)) if opt is not None else None
     for flag, folder in (('--in-train', args.in_train), ('--in-test', args.in_test)):
         if not folder:
             raise UserError(f"--in-dataset path needs {flag} FOLDER (class subfolders of images)")

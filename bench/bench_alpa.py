@@ -31,7 +31,7 @@ def get_args_parser():
     parser.add_argument("--size", type=int, default=4,
                         help="H = W of the last-stage map in positions (default 4)")
     parser.add_argument("--channels", type=int, default=512, help="C (default 512)")
-    parser.add_argument("--feat_dim", type=int, default=80,
+    parser.add_argument("--feat-dim", type=int, default=80,
                         help="d of query/key/value (default 80)")
     parser.add_argument("--aggregation", default="mean", help="mean|max|sum|logsum (default mean)")
     parser.add_argument("--cross", action="store_true",
@@ -108,7 +108,7 @@ def spawn(args, impl):
     """Run one implementation in a fresh interpreter and read back its JSON line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl,
            "--views", str(args.views), "--size", str(args.size),
-           "--channels", str(args.channels), "--feat_dim", str(args.feat_dim),
+           "--channels", str(args.channels), "--feat-dim", str(args.feat_dim),
            "--aggregation", args.aggregation, "--repeats", str(args.repeats),
            *(["--cross"] if args.cross else []),
            "--device", args.device, "--threads", str(args.threads), "--seed", str(args.seed)]

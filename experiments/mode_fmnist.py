@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util.cli import Parser
 from util.errors import UserError
 from util.misc import seeded_indices
 
@@ -60,7 +61,7 @@ PRESETS = {
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser('MODE Fashion-MNIST protocol')
+    p = Parser('MODE Fashion-MNIST protocol')
     p.add_argument('--preset', default='demo', choices=sorted(PRESETS),
                    help="budgets: demo (the main job, minutes) or full (converged; about 2 h a seed on one "
                         "core here, see BENCHMARKS.md); default demo")
@@ -130,30 +131,30 @@ def resolve_preset(args):
 
 def train(args, seed, mode, base_ckp=None, loss='supcon'):
     from ALPA import main_supcon
-    argv = ['--dataset', 'fashion-mnist', '--data_folder', args.data_root, '--id_classes', *map(str, args.id_classes),
-            '--model', args.model, '--width', str(args.width), '--batch_size', str(args.batch_size),
-            '--num_workers', str(args.num_workers), '--cosine', '--seed', str(seed),
-            '--save_folder', os.path.join(args.out_dir, f'seed{seed}', slug(mode)), '--save_freq', '0',
-            '--eval_knn', '20' if mode in ('Base', 'CE') else '-1', '--resume', 'auto']
+    argv = ['--dataset', 'fashion-mnist', '--data-root', args.data_root, '--id-classes', *map(str, args.id_classes),
+            '--model', args.model, '--width', str(args.width), '--batch-size', str(args.batch_size),
+            '--num-workers', str(args.num_workers), '--cosine', '--seed', str(seed),
+            '--save-folder', os.path.join(args.out_dir, f'seed{seed}', slug(mode)), '--save-freq', '0',
+            '--eval', 'knn' if mode in ('Base', 'CE') else 'none', '--resume', 'auto']
     if loss == 'supcon':
         argv += ['--temp', '0.1']
     if args.max_train:
-        argv += ['--eval_max_train', str(args.max_train)]
+        argv += ['--eval-max-train', str(args.max_train)]
     if args.steps_per_epoch:
-        argv += ['--max_steps', str(args.steps_per_epoch)]
+        argv += ['--max-steps', str(args.steps_per_epoch)]
     if args.precision == 'bf16':
-        argv += ['--amp', '--amp_dtype', 'bf16', '--channels_last']
+        argv += ['--amp', '--amp-dtype', 'bf16', '--channels-last']
     if args.device:
         argv += ['--device', args.device]
     if args.download:
         argv += ['--download']
     if mode.startswith('ALPA-finetune'):
-        argv += ['--alpa_finetune', '--ckp', base_ckp, '--epochs', str(args.finetune_epochs),
-                 '--learning_rate', str(args.finetune_lr)]
+        argv += ['--alpa-finetune', '--ckp', base_ckp, '--epochs', str(args.finetune_epochs),
+                 '--learning-rate', str(args.finetune_lr)]
     elif mode == 'ALPA-train':
-        argv += ['--alpa_train', '--epochs', str(args.epochs), '--learning_rate', str(args.train_lr)]
+        argv += ['--alpa-train', '--epochs', str(args.epochs), '--learning-rate', str(args.train_lr)]
     else:
-        argv += ['--epochs', str(args.epochs), '--learning_rate', str(args.lr)]
+        argv += ['--epochs', str(args.epochs), '--learning-rate', str(args.lr)]
     parser = main_supcon.get_args_parser(loss)
     return main_supcon.main(parser.parse_args(argv))
 
@@ -161,12 +162,12 @@ def train(args, seed, mode, base_ckp=None, loss='supcon'):
 def probe(args, seed, mode, ckp):
     """SupContrast's linear probe on a SupCon encoder (ALPA/main_linear.py) -> linear.pth."""
     from ALPA import main_linear
-    argv = ['--ckp', ckp, '--dataset', 'fashion-mnist', '--data_folder', args.data_root, '--epochs',
-            str(args.probe_epochs), '--lr_decay_epochs', ','.join(str(round(args.probe_epochs * f)) for f in (.6, .75, .9)),
-            '--num_workers', str(args.num_workers), '--seed', str(seed),
-            '--save_folder', os.path.join(args.out_dir, f'seed{seed}', slug(mode), 'probe')]
+    argv = ['--ckp', ckp, '--dataset', 'fashion-mnist', '--data-root', args.data_root, '--epochs',
+            str(args.probe_epochs), '--lr-decay-epochs', ','.join(str(round(args.probe_epochs * f)) for f in (.6, .75, .9)),
+            '--num-workers', str(args.num_workers), '--seed', str(seed),
+            '--save-folder', os.path.join(args.out_dir, f'seed{seed}', slug(mode), 'probe')]
     if args.steps_per_epoch:
-        argv += ['--max_steps', str(args.steps_per_epoch)]
+        argv += ['--max-steps', str(args.steps_per_epoch)]
     if args.device:
         argv += ['--device', args.device]
     return main_linear.main(main_linear.get_args_parser().parse_args(argv))

@@ -12,7 +12,6 @@ and the KNN and CSD results (×100) that ``experiments/mode_fmnist.py`` printed 
 bank they were scored on (``max_train``: null = all 36,000 ID training images), the OOD
 subset size (``max_ood``: null = every image of each OOD set) and the command that re-scores it.
 """
-import argparse
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from util.cli import Parser
 from util.misc import write_text_atomic
 
 RELEASED = ['Base', 'ALPA-finetune', 'ALPA-train', 'CE']
@@ -39,14 +39,18 @@ def machine():
         return platform.processor() or 'unknown'
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser('release full-preset checkpoints')
+def get_args_parser():
+    p = Parser('release full-preset checkpoints')
     p.add_argument('--out-dir', required=True, help="experiments/mode_fmnist.py's --out-dir of the full preset")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--dest', default='checkpoints')
     p.add_argument('--commit', required=True, help='the commit the preset ran at')
     p.add_argument('--command', default=None, help='the preset command (default: the usual one for --seed)')
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     from experiments.mode_fmnist import slug
     from util.checkpoint import file_sha256, read_checkpoint, save_checkpoint
     out, dest = Path(args.out_dir), Path(args.dest)

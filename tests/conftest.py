@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from tests.fixtures import write_cifar10, write_image_folder, write_svhn_mat
+from tests.fixtures import write_bad_checkpoints, write_cifar10, write_image_folder, write_svhn_mat
 
 os.environ.setdefault('MODE_NO_PROGRESS', '1')
 # Under pytest-xdist (`-n 2`, as test.sh runs) each worker takes one core.
@@ -22,6 +22,13 @@ def data_root(tmp_path_factory):
     write_image_folder(str(root / 'ood_data' / 'places365' / 'test_subset'), 8, size=40, nested=True)
     write_image_folder(str(root / 'my_ood_folder'), 6, size=32)
     return root
+
+
+@pytest.fixture(scope='session')
+def ckpts(tmp_path_factory):
+    """A real checkpoint (the authors' layout, width 8), its first half, a malicious one, a text
+    file, a folder and a diverged (NaN) checkpoint: ``tests.fixtures.write_bad_checkpoints``."""
+    return write_bad_checkpoints(tmp_path_factory.mktemp('ckpts'))
 
 
 @pytest.fixture

@@ -12,14 +12,18 @@ labels after loading. Paths follow ``datasets/README.md`` with ``root`` standing
     write_svhn_mat(path)         an SVHN .mat (X 32x32x3xN, y Nx1)
     write_image_folder(path, n)  n image files, flat or in class subfolders
 
-``Killed`` is the exception the interrupted-run tests raise from inside a job.
+``Killed`` is the exception the interrupted-run tests raise from inside a job;
+``authors_checkpoint`` and ``write_bad_checkpoints`` write checkpoints (the authors' layout,
+and every kind of bad one the CLI tests feed in).
 """
+import argparse
 import gzip
 import os
 import pickle
 import struct
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -186,12 +190,12 @@ def write_imagenet(root, num_classes=3, n_per_class=2, size=40, seed=0, n_val_pe
 
 
 # ---------------------------------------------------------------- the one tiny-training helper
-def tiny_train_argv(data_root, save, *extra, width=4, batch=8, epochs=1, eval_knn=-1):
+def tiny_train_argv(data_root, save, *extra, width=4, batch=8, epochs=1, evaluate='none', eval_k=20):
     """Flags of a seconds-long training run on the fixture CIFAR-10 (``extra`` overrides:
     argparse keeps the last value given)."""
-    return ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', str(width),
-            '--batch_size', str(batch), '--epochs', str(epochs), '--learning_rate', '0.05', '--num_workers', '0',
-            '--save_folder', str(save), '--eval_knn', str(eval_knn), '--feat_dim', '8', *extra]
+    return ['--dataset', 'cifar10', '--data-root', str(data_root), '--model', 'resnet18', '--width', str(width),
+            '--batch-size', str(batch), '--epochs', str(epochs), '--learning-rate', '0.05', '--num-workers', '0',
+            '--save-folder', str(save), '--eval', evaluate, '--eval-k', str(eval_k), '--feat-dim', '8', *extra]
 
 
 def train_cli(script, argv, cwd=None, env=None, timeout=300):
@@ -212,3 +216,57 @@ def find_last(save):
     last = [os.path.join(d, 'last.pth') for d, _, files in os.walk(save) if 'last.pth' in files]
     assert len(last) == 1, last
     return last[0]
+
+
+# ---------------------------------------------------------------- checkpoints
+def authors_checkpoint(path, arch='resnet18-supcon', width=8, data_parallel=True):
+    """The authors' dict: {'opt' Namespace, 'model', 'attention', 'optimizer', 'epoch'};
+    SupContrast wraps the encoder in DataParallel, hence ``encoder.module.*`` keys."""
+    from ALPA.attention import AttentionSimilarity
+    from util.networks import build_model
+    torch.manual_seed(0)
+    model = build_model(arch, width=width)
+    state = model.state_dict()
+    if data_parallel:
+        state = {k.replace('encoder.', 'encoder.module.', 1): v for k, v in state.items()}
+    attention = AttentionSimilarity(model.encoder.out_dim, 80)
+    opt = argparse.Namespace(model=arch.split('-')[0], dataset='cifar10', batch_size=128, learning_rate=0.1,
+                             temp=0.1, alpa_finetune=True)
+    torch.save({'opt': opt, 'model': state, 'attention': attention.state_dict(),
+                'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 500}, path)
+    return model, attention
+
+
+class Evil:
+    """Pickles to ``os.system(command)``: loading it with plain ``pickle`` runs the command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def malicious_checkpoint(path, marker, how='torch'):
+    """A checkpoint that looks like ours but creates ``marker`` when unpickled."""
+    obj = {'model': {'w': torch.zeros(2)}, 'epoch': 1, 'opt': Evil(f"touch '{marker}'")}
+    if how == 'torch':
+        torch.save(obj, path)
+    else:  # a bare pickle, as torch.save's legacy format and many hand-made files are
+        with open(path, 'wb') as f:
+            pickle.dump(obj, f, protocol=2)
+    return path
+
+
+def write_bad_checkpoints(d):
+    """A real checkpoint (the authors' layout, width 8), its first half, and a malicious one."""
+    authors_checkpoint(d / 'ckpt.pth')
+    raw = (d / 'ckpt.pth').read_bytes()
+    (d / 'half.pth').write_bytes(raw[:len(raw) // 2])
+    malicious_checkpoint(d / 'evil.pth', d / 'PWNED')
+    (d / 'notes.txt').write_text('this is not a checkpoint\n')
+    (d / 'a_run_folder').mkdir()
+    ck = torch.load(d / 'ckpt.pth', weights_only=False)
+    ck['model'] = {k: (torch.full_like(v, float('nan')) if v.is_floating_point() else v) for k, v in ck['model'].items()}
+    torch.save(ck, d / 'nan.pth')   # a diverged run's weights
+    return d

@@ -85,7 +85,7 @@ def test_logit_methods_without_logits_are_one_line_errors():
 
 
 def test_cli_every_method_near_far_saved_scores_and_openood_export(data_root, tmp_path):
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ce.pth', arch='resnet18-ce')
     out = csd_cli.main(csd_cli.get_args_parser().parse_args([
         '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ce.pth'), '--model-arch', 'resnet18-ce', '--name', 'ce',
@@ -111,7 +111,7 @@ def test_cli_every_method_near_far_saved_scores_and_openood_export(data_root, tm
 
 
 def test_supcon_model_without_logits_says_to_use_a_linear_probe(data_root, tmp_path):
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     from util.errors import UserError
     authors_checkpoint(tmp_path / 'sc.pth')
     with pytest.raises(UserError, match='linear'):
@@ -126,8 +126,8 @@ def test_linear_probe_then_energy_and_csd(data_root, tmp_path):
     from tests.fixtures import find_last, tiny_train_argv
     main_supcon.main(main_supcon.get_args_parser().parse_args(tiny_train_argv(data_root, tmp_path / 's', '--device', 'cpu')))
     out = main_linear.main(main_linear.get_args_parser().parse_args([
-        '--ckp', find_last(tmp_path / 's'), '--dataset', 'cifar10', '--data_folder', str(data_root), '--epochs', '2',
-        '--batch_size', '16', '--num_workers', '0', '--device', 'cpu', '--save_folder', str(tmp_path / 'probe')]))
+        '--ckp', find_last(tmp_path / 's'), '--dataset', 'cifar10', '--data-root', str(data_root), '--epochs', '2',
+        '--batch-size', '16', '--num-workers', '0', '--device', 'cpu', '--save-folder', str(tmp_path / 'probe')]))
     assert 0.0 <= out['accuracy'] <= 1.0 and out['path'].endswith('linear.pth')
     res = csd_cli.main(csd_cli.get_args_parser().parse_args([
         '--in-dataset', 'CIFAR-10', '--ckp', out['path'], '--data-root', str(data_root), '--num-workers', '0',
@@ -140,7 +140,7 @@ def test_linear_probe_then_energy_and_csd(data_root, tmp_path):
 
 
 def test_k_auto_names_its_validation_data_and_keeps_it_out_of_the_table(data_root, tmp_path, capsys):
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'sc.pth')
     argv = ['--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'sc.pth'), '--data-root', str(data_root),
             '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',
@@ -168,9 +168,9 @@ def test_in_dataset_path_scores_a_path_trained_model_on_its_own_folders(tmp_path
             write_image_folder(str(tmp_path / split / c), n, size=36, seed=len(c) + n)
     write_image_folder(str(tmp_path / 'other'), 5, size=40, seed=9)
     main_ce.main(main_ce.get_args_parser().parse_args([
-        '--dataset', 'path', '--data_folder', str(tmp_path / 'train'), '--mean', '(0.5,0.5,0.5)', '--std',
-        '(0.25,0.25,0.25)', '--size', '24', '--width', '4', '--batch_size', '4', '--epochs', '1', '--num_workers', '0',
-        '--save_folder', str(tmp_path / 'save'), '--device', 'cpu', '--eval_knn', '-1']))
+        '--dataset', 'path', '--data-root', str(tmp_path / 'train'), '--mean', '(0.5,0.5,0.5)', '--std',
+        '(0.25,0.25,0.25)', '--size', '24', '--width', '4', '--batch-size', '4', '--epochs', '1', '--num-workers', '0',
+        '--save-folder', str(tmp_path / 'save'), '--device', 'cpu', '--eval', 'none']))
     out = csd_cli.main(csd_cli.get_args_parser().parse_args([
         '--in-dataset', 'path', '--in-test', str(tmp_path / 'test'), '--ckp', find_last(tmp_path / 'save'),
         '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',
@@ -247,7 +247,7 @@ def test_odin_halves_its_pieces_after_out_of_memory_with_the_same_scores():
 
 
 def test_cli_odin_on_a_ce_checkpoint(data_root, tmp_path):
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ce.pth', arch='resnet18-ce')
     out = csd_cli.main(csd_cli.get_args_parser().parse_args([
         '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ce.pth'), '--model-arch', 'resnet18-ce',

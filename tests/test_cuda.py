@@ -33,9 +33,9 @@ def test_train_amp_bf16(data_root, tmp_path):
 
 def test_train_fp16_gradscaler_saved_and_resumed(data_root, tmp_path):
     # bf16 forced off: the fp16 + GradScaler path of pre-Ampere GPUs, run here.
-    argv = ['--dataset', 'cifar10', '--data_folder', str(data_root), '--model', 'resnet18', '--width', '8',
-            '--batch_size', '16', '--learning_rate', '0.05', '--num_workers', '0', '--save_folder', str(tmp_path),
-            '--eval_knn', '-1', '--amp', '--amp_dtype', 'fp16', '--device', 'cuda', '--resume', 'auto']
+    argv = ['--dataset', 'cifar10', '--data-root', str(data_root), '--model', 'resnet18', '--width', '8',
+            '--batch-size', '16', '--learning-rate', '0.05', '--num-workers', '0', '--save-folder', str(tmp_path),
+            '--eval', 'none', '--amp', '--amp-dtype', 'fp16', '--device', 'cuda', '--resume', 'auto']
     for epochs in ('1', '2'):
         proc = subprocess.run([sys.executable, os.path.join(REPO, 'ALPA', 'main_supcon.py'), *argv, '--epochs', epochs],
                               capture_output=True, text=True, timeout=300)
@@ -46,8 +46,8 @@ def test_train_fp16_gradscaler_saved_and_resumed(data_root, tmp_path):
 
 
 def test_alpa_train_with_dropout_then_finetune(data_root, tmp_path):
-    last, _ = train(data_root, tmp_path / 'a', '--alpa_train', '--drop_prob', '0.1', '--device', 'cuda')
-    ft, _ = train(data_root, tmp_path / 'b', '--alpa_finetune', '--ckp', last, '--device', 'cuda:0')
+    last, _ = train(data_root, tmp_path / 'a', '--alpa-train', '--drop-prob', '0.1', '--device', 'cuda')
+    ft, _ = train(data_root, tmp_path / 'b', '--alpa-finetune', '--ckp', last, '--device', 'cuda:0')
     assert torch.load(ft, weights_only=False)['attention']
 
 
@@ -100,7 +100,7 @@ def test_features_and_scores_cuda_equal_cpu(data_root, tmp_path, tf32, tf32_flag
     fp16 store's rounding step is far above the tolerance). Features and the exact search run
     with TF32 off whatever the global setting, so they agree to 1e-4 (relative)."""
     from CSD import CSD as csd_cli
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     matmul, conv = tf32_flags
     matmul.fp32_precision = conv.fp32_precision = 'tf32' if tf32 else 'ieee'
     authors_checkpoint(tmp_path / 'ckpt.pth')
@@ -249,7 +249,7 @@ def test_ivf_on_gpu_recall():
 def test_torchrun_nccl_extraction_equals_one_process(data_root, tmp_path):
     """torchrun on every visible GPU (NCCL; one process when there is one GPU) writes the
     same fp32 store as one process on GPU 0, to float tolerance."""
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ck.pth')
     argv = ['CSD/feature_collect.py', '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ck.pth'), '--name', 'r',
             '--data-root', str(data_root), '--num-workers', '0', '--batch-size', '8', '--out-datasets', 'SVHN',

@@ -438,7 +438,7 @@ def test_each_methods_index_is_gone_before_the_next_is_built(data_root, tmp_path
     import weakref
 
     from CSD import CSD as csd_cli
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ckpt.pth')
     real, alive = csd_cli.evaluate, []
 

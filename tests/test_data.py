@@ -371,7 +371,7 @@ def test_heldout_classes(tmp_path):
         img, y = ds[i]
         assert y == -1
         np.testing.assert_array_equal(np.asarray(img), images[j])
-    with pytest.raises(UserError, match='id_classes'):
+    with pytest.raises(UserError, match='--id-classes'):
         get_ood_dataset('CIFAR-10-heldout', root=str(tmp_path), spec=C10)
 
 

@@ -80,9 +80,9 @@ def test_ddp_matches_single_process(loss, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_train(data_root, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
-           os.path.join(REPO, 'ALPA', 'main_supcon.py'), '--dataset', 'cifar10', '--data_folder', str(data_root),
-           '--width', '4', '--batch_size', '8', '--epochs', '1', '--num_workers', '0', '--alpa_train',
-           '--inner_size', '8', '--save_folder', str(tmp_path), '--device', 'cpu', '--eval_knn', '-1']
+           os.path.join(REPO, 'ALPA', 'main_supcon.py'), '--dataset', 'cifar10', '--data-root', str(data_root),
+           '--width', '4', '--batch-size', '8', '--epochs', '1', '--num-workers', '0', '--alpa-train',
+           '--inner-size', '8', '--save-folder', str(tmp_path), '--device', 'cpu', '--eval', 'none']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

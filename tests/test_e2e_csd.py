@@ -11,27 +11,12 @@ import torch
 
 from ALPA.attention import AttentionSimilarity
 from CSD import feature_collect
+from tests.fixtures import authors_checkpoint
 from util.checkpoint import load_model, load_weights, read_checkpoint
 from util.errors import UserError
 from util.networks import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def authors_checkpoint(path, arch='resnet18-supcon', width=8, data_parallel=True):
-    """The authors' dict: {'opt' Namespace, 'model', 'attention', 'optimizer', 'epoch'};
-    SupContrast wraps the encoder in DataParallel, hence ``encoder.module.*`` keys."""
-    torch.manual_seed(0)
-    model = build_model(arch, width=width)
-    state = model.state_dict()
-    if data_parallel:
-        state = {k.replace('encoder.', 'encoder.module.', 1): v for k, v in state.items()}
-    attention = AttentionSimilarity(model.encoder.out_dim, 80)
-    opt = argparse.Namespace(model=arch.split('-')[0], dataset='cifar10', batch_size=128, learning_rate=0.1,
-                             temp=0.1, alpa_finetune=True)
-    torch.save({'opt': opt, 'model': state, 'attention': attention.state_dict(),
-                'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 500}, path)
-    return model, attention
 
 
 def test_authors_checkpoint_loads(tmp_path):

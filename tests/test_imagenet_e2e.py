@@ -71,8 +71,7 @@ def test_knn_k1000_and_csd_through_the_cli_on_a_1008_image_bank(tmp_path):
     global vectors, as a hand search finds it; CSD's k = 10 beside it. A small model on 32×32
     images: k = 1000 does not depend on the backbone (the ResNet-50 path: the test above)."""
     from CSD import CSD as csd_cli
-    from tests.fixtures import write_cifar10
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint, write_cifar10
     root = tmp_path / 'datasets'
     write_cifar10(str(root), n_per_class=101, n_test_per_class=2)                        # 1010-image bank
     write_svhn_mat(str(root / 'ood_data' / 'svhn' / 'selected_test_32x32.mat'), n=12)

@@ -108,8 +108,8 @@ def small_train_argv(data_root, save, *extra):
 
 
 def test_feat_dim_is_the_alpa_inner_size_and_last_batch_is_kept(data_root, tmp_path):
-    args = main_supcon.get_args_parser().parse_args(small_train_argv(data_root, tmp_path, '--alpa_train',
-                                                                     '--feat_dim', '40'))
+    args = main_supcon.get_args_parser().parse_args(small_train_argv(data_root, tmp_path, '--alpa-train',
+                                                                     '--feat-dim', '40'))
     out = main_supcon.main(args)
     ck = read_checkpoint(out['last'])
     assert ck['attention']['value.2.weight'].shape == (40, 32)     # d = 40 outputs from C = 32
@@ -125,10 +125,10 @@ def test_authors_mean_std_tuple_syntax(tmp_path):
         for i in range(4):
             noisy_image(32, 32, seed=10 * c + i).save(data_lib_folder / f'{i}.png')
     args = main_ce.get_args_parser().parse_args([
-        '--dataset', 'path', '--data_folder', str(tmp_path / 'imgs'), '--mean', '(0.5,0.5,0.5)',
-        '--std', '(0.25, 0.25, 0.25)', '--size', '32', '--model', 'resnet18', '--width', '4', '--batch_size', '4',
-        '--epochs', '1', '--num_workers', '0', '--save_folder', str(tmp_path / 'save'), '--device', 'cpu',
-        '--eval_knn', '-1'])
+        '--dataset', 'path', '--data-root', str(tmp_path / 'imgs'), '--mean', '(0.5,0.5,0.5)',
+        '--std', '(0.25, 0.25, 0.25)', '--size', '32', '--model', 'resnet18', '--width', '4', '--batch-size', '4',
+        '--epochs', '1', '--num-workers', '0', '--save-folder', str(tmp_path / 'save'), '--device', 'cpu',
+        '--eval', 'none'])
     ck = read_checkpoint(main_ce.main(args)['last'])
     assert ck['arch']['mean'] == [0.5, 0.5, 0.5] and ck['arch']['std'] == [0.25, 0.25, 0.25]
     assert data_lib.parse_floats('[0.1 0.2]') == (0.1, 0.2)
@@ -288,7 +288,7 @@ def test_noise_and_lfnoise_follow_the_authors_recipe():
 
 # ---------------------------------------------------------------- end to end on the authors' preprocessing
 def test_authors_checkpoint_features_equal_authors_preprocessing(data_root, tmp_path):
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     model, _ = authors_checkpoint(tmp_path / 'Finetune_epoch_500.pth')
     argv = ['--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'Finetune_epoch_500.pth'), '--name', 'authors',
             '--data-root', str(data_root), '--cache-dir', str(tmp_path / 'cache'), '--num-workers', '0',

@@ -48,3 +48,43 @@ def test_the_patterns_catch_what_they_are_for():
     assert not MACHINE_PATH.search('datasets/ood_data/tmp/x') and not MACHINE_PATH.search('~/work/x')
     assert SESSION_WORD.search('measured in the third ' + 'session') and SESSION_WORD.search('bench/session' + '_scripts/')
     assert not SESSION_WORD.search('a training run')
+
+
+# ---------------------------------------------------------------- which way imports run
+# util/ is the base; ALPA/ (training) and CSD/ (test time) build on it and not on each other;
+# experiments/, bench/ and tests/ may use everything (README, "Layout").
+ALLOWED = {'util': {'util'}, 'ALPA': {'util', 'ALPA'}, 'CSD': {'util', 'CSD'}}
+
+
+def imports_of(path):
+    import ast
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, []
+
+
+def package_files(package):
+    folder = os.path.join(REPO, package)
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith('.py'))
+
+
+@pytest.mark.parametrize('package', sorted(ALLOWED))
+def test_imports_run_one_way(package):
+    ours = {'util', 'ALPA', 'CSD', 'experiments', 'bench', 'tests'}
+    wrong = [f'{os.path.relpath(path, REPO)}: {module}' for path in package_files(package)
+             for module, _ in imports_of(path)
+             if module.split('.')[0] in ours and module.split('.')[0] not in ALLOWED[package]]
+    assert wrong == []
+
+
+@pytest.mark.parametrize('package', sorted(ALLOWED))
+def test_no_module_imports_another_modules_private_names(package):
+    private = [f'{os.path.relpath(path, REPO)}: from {module} import {name}' for path in package_files(package)
+               for module, names in imports_of(path) if module.split('.')[0] in ALLOWED
+               for name in names if name.startswith('_')]
+    assert private == []

@@ -159,7 +159,7 @@ def test_extraction_memory_does_not_grow_with_the_dataset(tmp_path):
 def test_torchrun_two_processes_equal_one_process_byte_for_byte(data_root, tmp_path):
     """torchrun --nproc_per_node=2 (gloo, CPU): each rank extracts its contiguous run of
     batches, says so, and the stores are byte-identical to one process's."""
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ck.pth')
     argv = ['CSD/feature_collect.py', '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ck.pth'), '--name', 'r',
             '--data-root', str(data_root), '--num-workers', '0', '--batch-size', '8', '--device', 'cpu',

@@ -39,7 +39,7 @@ def test_streamed_equals_brute_force_for_any_chunking(tmp_path, chunk):
 
 def test_cli_bank_chunk_and_bank_fraction(data_root, tmp_path):
     from CSD import CSD as csd_cli
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ck.pth')
     base = ['--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ck.pth'), '--data-root', str(data_root),
             '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',
@@ -59,7 +59,7 @@ def test_cli_bank_chunk_and_bank_fraction(data_root, tmp_path):
 
 def test_cli_max_ood_scores_a_seeded_subset_of_each_ood_set(data_root, tmp_path, capsys):
     from CSD import CSD as csd_cli
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ck.pth')
     base = ['--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ck.pth'), '--data-root', str(data_root),
             '--output-dir', str(tmp_path / 'res'), '--num-workers', '0', '--device', 'cpu',
@@ -91,7 +91,7 @@ def test_distance_check_warns_only_when_id_looks_like_ood():
 
 def test_sanity_warning_fires_on_a_random_weights_model(data_root, tmp_path, capsys):
     from CSD import CSD as csd_cli
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'random.pth')          # never trained: random weights
     csd_cli.main(csd_cli.get_args_parser().parse_args([
         '--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'random.pth'), '--data-root', str(data_root),
@@ -147,7 +147,7 @@ def test_cli_search_ivf_prints_recall_and_metric_change(data_root, tmp_path, cap
     import json
 
     from CSD import CSD as csd_cli
-    from tests.test_e2e_csd import authors_checkpoint
+    from tests.fixtures import authors_checkpoint
     authors_checkpoint(tmp_path / 'ck.pth')
     argv = ['--in-dataset', 'CIFAR-10', '--ckp', str(tmp_path / 'ck.pth'), '--data-root', str(data_root),
             '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'), '--num-workers', '0',

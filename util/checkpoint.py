@@ -264,6 +264,67 @@ def restore_rank_rng(saved, device):
     set_rng_state(saved[r % len(saved)], device)
 
 
+def set_aside_stale_run(run_dir, last_path, fingerprint_now):
+    """``--resume auto`` reuses a run folder only when its ``last.pth`` was made by this code
+    and config. A stale folder is renamed to ``<folder>.stale-<its fingerprint>`` (nothing
+    is deleted) and the run starts again; -> True when that happened."""
+    try:
+        old = read_checkpoint(last_path)['fingerprint']
+    except UserError:
+        old = None   # unreadable: treat as stale, keep it aside for inspection
+    if old == fingerprint_now:
+        return False
+    aside = f"{run_dir}.stale-{old or 'none'}"
+    if distributed.is_main():
+        n = 1
+        while os.path.exists(aside):
+            n += 1
+            aside = f"{run_dir}.stale-{old or 'none'}-{n}"
+        os.rename(run_dir, aside)
+        print(f"retraining {run_dir}: it was made by other code or config (fingerprint {old} != "
+              f"{fingerprint_now}); the old run is kept as {aside}")
+    if distributed.is_dist():
+        torch.distributed.barrier()
+    return True
+
+
+def resume_source(flag, run_dir, fingerprint_now):
+    """The checkpoint a training run continues from: ``--resume PATH`` as given; with
+    ``--resume auto`` the run folder's ``last.pth`` when it exists and was made by this code
+    and config (a stale folder is set aside); else None (start at epoch 1)."""
+    if flag != 'auto':
+        return flag
+    last = os.path.join(run_dir, 'last.pth')
+    if not os.path.exists(last) or set_aside_stale_run(run_dir, last, fingerprint_now):
+        return None
+    return last
+
+
+def resume_training(path, model, attention, optimizer, scaler, device):
+    """Loads a training checkpoint into the run's objects (weights, ALPA attention, optimizer,
+    loss scaler, this rank's RNG states): -> ``(first epoch to run, global step)``; ``(1, 0)``
+    when ``path`` is None."""
+    if not path:
+        return 1, 0
+    ck = read_checkpoint(path)
+    load_weights(model, ck['model'], path=path)
+    if attention is not None:
+        if not ck['attention']:
+            raise UserError(f"{path} has no ALPA attention weights, but this run trains with ALPA")
+        load_weights(attention, ck['attention'], path=path)
+    if ck['optimizer'] is None or ck['epoch'] is None:
+        raise UserError(f"{path} holds no optimizer state or epoch, so it cannot be resumed: pass it as "
+                        f"--ckp (fine-tuning) or start a new run")
+    optimizer.load_state_dict(ck['optimizer'])
+    if ck['scaler']:
+        scaler.load_state_dict(ck['scaler'])
+    if ck['rng'] is not None:
+        restore_rank_rng(ck['rng'], device)
+    if distributed.is_main():
+        print(f"resumed from {path} at epoch {int(ck['epoch']) + 1}")
+    return int(ck['epoch']) + 1, ck['global_step']
+
+
 def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 

@@ -9,7 +9,7 @@ An image file that cannot be decoded makes ``__getitem__`` return ``None`` (with
 naming the file); load with ``collate_fn=collate_skip_none`` so such items are dropped.
 
 The on-disk layout (``datasets/README.md``, docs/METHOD.md §7) is the one the authors' users
-already have, with every path relative to ``root`` (``--data_root``, default ``datasets``):
+already have, with every path relative to ``root`` (``--data-root``, default ``datasets``):
 
     cifar-10-batches-py/{data_batch_1..5,test_batch}   torchvision's CIFAR-10 pickles
     cifar-100-python/{train,test}                      torchvision's CIFAR-100 pickles
@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision import transforms
 
-from util.errors import UserError
+from util.errors import UserError, first_line
 
 # --------------------------------------------------------------------------- specs
 
@@ -342,14 +342,15 @@ def scan_images(folder, skipped=None):
 
 def _filter_classes(dataset, id_classes, num_classes):
     """Keep the items whose label is in ``id_classes``, relabelled 0..len-1 in the given order."""
-    id_classes = _check_id_classes(id_classes, num_classes)
+    id_classes = check_id_classes(id_classes, num_classes)
     lut = np.full(num_classes, -1, dtype=np.int64)
     lut[id_classes] = np.arange(len(id_classes))
     keep = np.flatnonzero(lut[dataset.targets] >= 0)
     return dataset.subset(keep, lut[dataset.targets[keep]])
 
 
-def _check_id_classes(id_classes, num_classes):
+def check_id_classes(id_classes, num_classes):
+    """``id_classes`` as an int64 array, after checking each is a class index, listed once."""
     ids = [int(c) for c in id_classes]
     if not ids:
         raise UserError("id_classes is empty: give at least one class index")
@@ -363,7 +364,8 @@ def _check_id_classes(id_classes, num_classes):
 
 # --------------------------------------------------------------------------- ID loaders
 
-_CIFAR = {
+# Each CIFAR set's folder, pickles, label key and archive, as torchvision unpacks them.
+CIFAR_FILES = {
     'CIFAR-10': dict(folder='cifar-10-batches-py', train=[f'data_batch_{i}' for i in range(1, 6)],
                      test=['test_batch'], label_key='labels', archive='cifar-10-python.tar.gz'),
     'CIFAR-100': dict(folder='cifar-100-python', train=['train'], test=['test'],
@@ -371,21 +373,17 @@ _CIFAR = {
 }
 
 
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _download_with_torchvision(cls_name, root, name, **kw):
     import torchvision.datasets  # imported here: only the --download path needs it
     try:
         getattr(torchvision.datasets, cls_name)(root, download=True, **kw)
     except Exception as e:  # no network, disk full, bad checksum...
-        raise UserError(f"downloading {name} into {root} failed ({_first_line(e)}): check the internet "
+        raise UserError(f"downloading {name} into {root} failed ({first_line(e)}): check the internet "
                         f"connection or place the files there by hand (see datasets/README.md)") from e
 
 
 def _load_cifar(name, root, split, download):
-    info = _CIFAR[name]
+    info = CIFAR_FILES[name]
     folder = os.path.join(root, info['folder'])
     files = [os.path.join(folder, f) for f in info[split]]
     if not all(os.path.isfile(f) for f in files) and download:
@@ -407,7 +405,7 @@ def _load_cifar(name, root, split, download):
             x = np.asarray(entry['data'], dtype=np.uint8).reshape(-1, 3072)
             y = np.asarray(entry[info['label_key']], dtype=np.int64)
         except Exception as e:
-            raise UserError(f"cannot read {f} as a CIFAR pickle ({_first_line(e)}): "
+            raise UserError(f"cannot read {f} as a CIFAR pickle ({first_line(e)}): "
                             f"re-extract {info['archive']} into {root}") from e
         data.append(x)
         labels.append(y)
@@ -447,7 +445,7 @@ def read_idx(path, expected_magic=None):
             raise ValueError(f"file holds {len(raw) - offset} bytes of data, header says {count}")
         return np.frombuffer(raw, dtype=np.uint8, count=count, offset=offset).reshape(shape)
     except (OSError, EOFError, struct.error, ValueError) as e:
-        raise UserError(f"cannot read {path} as an IDX file ({_first_line(e)}): re-download it "
+        raise UserError(f"cannot read {path} as an IDX file ({first_line(e)}): re-download it "
                         f"(https://github.com/zalandoresearch/fashion-mnist)") from e
 
 
@@ -523,7 +521,7 @@ def get_id_dataset(name, root='datasets', split='train', transform=None, id_clas
         split = 'test'
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if spec.name in _CIFAR:
+    if spec.name in CIFAR_FILES:
         images, labels = _load_cifar(spec.name, root, split, download)
         ds = ArrayDataset(images, labels, spec.name, transform)
     elif spec.name == 'fashion-mnist':

@@ -11,6 +11,11 @@ class UserError(Exception):
     names the file or flag and says what to do."""
 
 
+def first_line(e):
+    """The first line of an exception's message (its type's name when it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def run_cli(main, args):
     """Call ``main(args)``; print a ``UserError`` as one line and exit 2."""
     try:

@@ -4,7 +4,7 @@ import math
 
 
 def parse_epochs(text):
-    """'350,400,450' -> [350, 400, 450] (``--lr_decay_epochs``)."""
+    """'350,400,450' -> [350, 400, 450] (``--lr-decay-epochs``)."""
     return [int(x) for x in str(text).split(',') if x.strip()]
 
 

@@ -125,7 +125,7 @@ def autocast_dtype(device, amp, prefer='auto'):
     counts emulation by default, which would send V100/T4/P100 down a slow (or failing)
     bf16 path, so emulation is excluded and those GPUs get fp16 + GradScaler. CPU: bf16 only
     with native support (``cpu_has_native_bf16``), else fp32. ``prefer`` ('bf16' or 'fp16')
-    overrides the choice (``--amp_dtype``)."""
+    overrides the choice (``--amp-dtype``)."""
     if not amp:
         return None
     if prefer != 'auto':

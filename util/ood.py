@@ -11,17 +11,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from util.data import (
-    _CIFAR,
+    CIFAR_FILES,
     ID_DATASETS,
     ArrayDataset,
     ImageFileDataset,
-    _check_id_classes,
-    _first_line,
+    check_id_classes,
     get_id_dataset,
     get_spec,
     scan_images,
 )
-from util.errors import UserError
+from util.errors import UserError, first_line
 
 
 # --------------------------------------------------------------------------- generated sets
@@ -203,7 +202,7 @@ def _load_svhn(root):
         mat = scipy.io.loadmat(selected)
         x = np.asarray(mat['X'])
     except Exception as e:
-        raise UserError(f"cannot read {selected} ({_first_line(e)}): delete it and rerun "
+        raise UserError(f"cannot read {selected} ({first_line(e)}): delete it and rerun "
                         f"`python select_svhn_data.py --root {folder}`") from e
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
         raise UserError(f"{selected} holds X of shape {x.shape}, expected 32x32x3xN: rerun select_svhn_data.py")
@@ -263,7 +262,7 @@ def get_ood_dataset(name, root='datasets', spec=None, transform=None, id_classes
         return ArrayDataset(images, np.full(len(images), -1), 'SVHN', transform, mode)
     if canonical in _OOD_FOLDERS:
         return _folder_dataset(_ood_path(root, _OOD_FOLDERS[canonical][0]), canonical, transform, mode)
-    if canonical in _CIFAR:
+    if canonical in CIFAR_FILES:
         ds = get_id_dataset(canonical, root, 'test', transform=transform)
         return ArrayDataset(ds.images, np.full(len(ds), -1), canonical, transform, mode)
     if canonical == 'imagenet-val':
@@ -285,9 +284,9 @@ def _heldout(id_name, root, spec, transform, id_classes):
     id_spec = get_spec(id_name)
     name = f'{id_spec.name}-heldout'
     if id_classes is None:
-        raise UserError(f"{name} needs the ID classes (--id_classes): it is the {id_spec.name} test images "
+        raise UserError(f"{name} needs the ID classes (--id-classes): it is the {id_spec.name} test images "
                         f"of the other classes")
-    ids = _check_id_classes(id_classes, id_spec.num_classes)
+    ids = check_id_classes(id_classes, id_spec.num_classes)
     ds = get_id_dataset(id_spec.name, root, 'test', transform=transform)
     keep = np.flatnonzero(~np.isin(ds.targets, ids))
     if len(keep) == 0:
