@@ -11,13 +11,13 @@ run never leaves a half-written subset behind.
 """
 import os
 import sys
-import tempfile
 
 import numpy as np
 import scipy.io
 
 from util.cli import Parser
 from util.errors import UserError, run_cli
+from util.misc import atomic_path
 
 SVHN_LABELS = tuple(range(1, 11))  # SVHN stores digit 0 as label 10
 
@@ -66,14 +66,9 @@ def main(args):
                   f"keeping all of them", file=sys.stderr)
 
     out = {'X': np.ascontiguousarray(x[..., idx]), 'y': y.reshape(-1, 1)[idx]}
-    fd, tmp = tempfile.mkstemp(suffix='.mat.tmp', dir=args.root)
-    try:
-        with os.fdopen(fd, 'wb') as f:
+    with atomic_path(dst, suffix='.mat') as tmp:
+        with open(tmp, 'wb') as f:
             scipy.io.savemat(f, out)
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     print(f"kept {len(idx)} of {labels.size} images ({args.per_class} per label at most) -> {dst}")
     return dst
 

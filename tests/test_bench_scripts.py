@@ -27,6 +27,12 @@ def test_bench_scale_synthetic_then_real_store_queries(tmp_path):
     assert re.search(r'recall@10 1\.0000', again)
 
 
+def test_bench_smallest_k_prints_equal_values_for_each_k():
+    out = run('bench/bench_smallest_k.py', '--rows', '16', '--bank', '9000', '--k', '3', '64', '65', '--repeats', '1')
+    lines = [line for line in out.splitlines() if line.startswith('k=')]
+    assert len(lines) == 3 and all(line.endswith('values equal: True') for line in lines), out
+
+
 GPU_CHECK_SAMPLE = '''
 import pytest
 
