@@ -2,7 +2,7 @@
 
     python experiments/mode_fmnist.py --seeds 0 --figures          # the main job (demo.sh), one seed
     python experiments/mode_fmnist.py --seeds 0 1 2                # the 3-seed table in BENCHMARKS.md
-    python experiments/mode_fmnist.py --preset full --seeds 0      # trained to convergence (~2 h a seed, 1 thread)
+    python experiments/mode_fmnist.py --preset full --seeds 0 --jobs 2   # trained to convergence, 2 models at a time
     python experiments/mode_fmnist.py --preset full --seeds 1 2    # later; the summary covers every seed found
     python experiments/mode_fmnist.py --released checkpoints       # no training: score the released checkpoints
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from util.cli import Parser
-from util.errors import UserError
+from util.errors import UserError, first_line
 from util.misc import seeded_indices
 
 FMNIST_CLASSES = ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle boot']
@@ -63,8 +63,8 @@ PRESETS = {
 def get_args_parser():
     p = Parser('MODE Fashion-MNIST protocol')
     p.add_argument('--preset', default='demo', choices=sorted(PRESETS),
-                   help="budgets: demo (the main job, minutes) or full (converged; about 2 h a seed on one "
-                        "core here, see BENCHMARKS.md); default demo")
+                   help="budgets: demo (the main job, minutes) or full (converged; about 2 h of one core a seed, "
+                        "--jobs 2 shares it over two, see BENCHMARKS.md); default demo")
     p.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'],
                    help='training precision: auto = bf16 autocast + channels_last where the CPU/GPU runs bf16 '
                         'natively, else fp32 (features are always fp32); default auto')
@@ -89,6 +89,10 @@ def get_args_parser():
     p.add_argument('--out-dir', default='runs/fmnist', help='checkpoints, caches, tables, figures (default ./runs/fmnist)')
     p.add_argument('--device', default=None, help='cpu or cuda (default cuda when present)')
     p.add_argument('--num-workers', type=int, default=2, help='data-loading workers (default 2)')
+    p.add_argument('--jobs', type=int, default=1,
+                   help='models trained and scored at once, each in its own process with 1/N of the threads and '
+                        'its output in <out-dir>/seed<S>/logs/ (default 1: one after another, in this process); '
+                        'a seed of the full preset on 2 cores: 2')
     p.add_argument('--far', nargs='+', default=['digits', 'gaussian', 'uniform'],
                    help='far-OOD sets (default digits gaussian uniform)')
     p.add_argument('--search', default='torch', choices=['faiss', 'torch'],
@@ -200,10 +204,119 @@ def score(args, seed, mode, ckp):
     return csd_cli.main(csd_cli.get_args_parser().parse_args(argv))
 
 
+def seed_jobs(args):
+    """The jobs of one seed, ``(kind, model, needs)``, in the order they start once what they
+    need is done: the long training chains first (Base -> ALPA-finetune, ALPA-train, CE ->
+    ALPA-finetune*), then the probes, then the scoring of every model."""
+    jobs = [('train', 'Base', None), ('train', 'ALPA-train', None), ('train', 'ALPA-finetune', 'Base')]
+    if args.ce:   # the * rows: a CE backbone and its MODE-F*
+        jobs += [('train', 'CE', None), ('train', 'ALPA-finetune*', 'CE')]
+    if args.probe_epochs:   # linear probes of the SupCon encoders, for the logit-based baselines
+        jobs += [('probe', f'{m} +probe', m) for m in ('Base', 'ALPA-finetune', 'ALPA-train')]
+    made = {model for _, model, _ in jobs}
+    return jobs + [('score', m, m) for m in MODELS if m in made]
+
+
+def run_job(args, seed, kind, mode, ckp):
+    """One job -> its checkpoint path (train, probe) or its scores (score)."""
+    if kind == 'train':
+        return train(args, seed, mode, base_ckp=ckp, loss='ce' if mode in ('CE', 'ALPA-finetune*') else 'supcon')['last']
+    if kind == 'probe':
+        return probe(args, seed, mode.removesuffix(' +probe'), ckp)['path']
+    out = score(args, seed, mode, ckp)
+    keep_splits = args.figures and seed == args.seeds[0]   # the figures read the features
+    return {k: v for k, v in out.items() if k != 'splits' or keep_splits}
+
+
+def timing_key(seed, kind, mode):
+    what = {'train': 'train', 'probe': 'probe', 'score': 'features+scores'}[kind]
+    return f"seed{seed} {what} {mode.removesuffix(' +probe') if kind == 'probe' else mode}"
+
+
+def run_seed(args, seed):
+    """Every job of one seed -> ({model: scores}, {job: seconds}). ``--jobs 1``: one after
+    another in this process. ``--jobs N``: N at a time, each in its own process with 1/N of the
+    threads and its output in seed<S>/logs/; a job starts as soon as what it needs is done."""
+    done, timings, pending = {}, {}, seed_jobs(args)
+    if args.jobs == 1:
+        for kind, mode, needs in pending:
+            t0 = time.perf_counter()
+            done[kind, mode] = run_job(args, seed, kind, mode, done.get(('train', needs)) or done.get(('probe', needs)))
+            timings[timing_key(seed, kind, mode)] = time.perf_counter() - t0
+    else:
+        run_in_processes(args, seed, pending, done, timings)
+    scored = {mode: done['score', mode] for kind, mode, _ in seed_jobs(args) if kind == 'score'}
+    if args.figures and seed == args.seeds[0]:
+        t0 = time.perf_counter()
+        paths = draw_figures(args, seed, scored, os.path.join(args.out_dir, 'figures'))
+        timings['figures'] = time.perf_counter() - t0
+        print('\nfigures:\n  ' + '\n  '.join(paths))
+    return scored, timings
+
+
+def _job_process(queue, args, seed, kind, mode, ckp, threads, log_path):
+    """A job in a process of its own: its output to ``log_path``, its result to ``queue``."""
+    import contextlib
+    import traceback
+    torch.set_num_threads(threads)
+    with open(log_path, 'w', buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        t0 = time.perf_counter()
+        try:
+            result = run_job(args, seed, kind, mode, ckp)
+        except BaseException as e:   # the whole traceback to the log, one line to the parent
+            traceback.print_exc()
+            queue.put((kind, mode, None, f'exit status {e.code}' if isinstance(e, SystemExit) else first_line(e)))
+            return
+    queue.put((kind, mode, result, time.perf_counter() - t0))
+
+
+def run_in_processes(args, seed, pending, done, timings):
+    import multiprocessing as mp
+    import queue as queue_lib
+    ctx = mp.get_context('spawn')
+    results, running = ctx.Queue(), {}
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    logs = Path(args.out_dir) / f'seed{seed}' / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
+    needed = lambda needs: needs is None or ('train', needs) in done or ('probe', needs) in done
+    try:
+        while pending or running:
+            for job in [j for j in pending if needed(j[2])][:args.jobs - len(running)]:
+                kind, mode, needs = job
+                pending.remove(job)
+                log_path = logs / f"{kind}-{slug(mode)}.log"
+                ckp = done.get(('train', needs)) or done.get(('probe', needs))
+                proc = ctx.Process(target=_job_process, args=(results, args, seed, kind, mode, ckp, threads, log_path))
+                proc.start()
+                running[kind, mode] = (proc, log_path)
+                print(f"[seed {seed}] {kind} {mode}: started, {threads} thread(s), output in {log_path}", flush=True)
+            try:
+                kind, mode, result, info = results.get(timeout=2)
+            except queue_lib.Empty:
+                for (kind, mode), (proc, log_path) in running.items():
+                    if not proc.is_alive() and proc.exitcode != 0:
+                        raise UserError(f"{kind} {mode} (seed {seed}) died with exit code {proc.exitcode}; its output "
+                                        f"is in {log_path}; run the same command again to go on from what is done")
+                continue
+            proc, log_path = running.pop((kind, mode))
+            proc.join()
+            if result is None:
+                raise UserError(f"{kind} {mode} (seed {seed}) failed: {info}; the whole output is in {log_path}; "
+                                "run the same command again to go on from what is done")
+            done[kind, mode] = result
+            timings[timing_key(seed, kind, mode)] = info
+            print(f"[seed {seed}] {kind} {mode}: done in {info:.0f} s", flush=True)
+    finally:   # a failed job stops the others; finished checkpoints and feature stores stay
+        for proc, _ in running.values():
+            proc.terminate()
+            proc.join()
+
+
 def protocol_config(args):
     """What makes two seeds' results comparable: every knob but the seeds, paths and workers."""
     from util.fingerprint import code_hash
-    skip = {'seeds', 'out_dir', 'data_root', 'num_workers', 'device', 'figures', 'download', 'search', 'summary_only'}
+    skip = {'seeds', 'out_dir', 'data_root', 'num_workers', 'device', 'figures', 'download', 'search', 'summary_only',
+            'jobs'}
     config = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     config['code'] = code_hash(('ALPA', 'CSD', 'util', 'experiments/mode_fmnist.py'))   # never merge old code's numbers
     return config
@@ -366,35 +479,9 @@ def main(args):
     t_start = time.perf_counter()
     per_seed, timings = {}, {}
     for seed in ([] if args.summary_only else args.seeds):
-        per_seed[seed], scored = {}, {}
-        t0 = time.perf_counter()
-        base = train(args, seed, 'Base')
-        timings[f'seed{seed} train Base'] = time.perf_counter() - t0
-        ckps = {'Base': base['last']}
-        for mode in ('ALPA-finetune', 'ALPA-train'):
-            t0 = time.perf_counter()
-            ckps[mode] = train(args, seed, mode, base_ckp=base['last'])['last']
-            timings[f'seed{seed} train {mode}'] = time.perf_counter() - t0
-        if args.ce:   # the * rows: a CE backbone and its MODE-F*
-            for mode in ('CE', 'ALPA-finetune*'):
-                t0 = time.perf_counter()
-                ckps[mode] = train(args, seed, mode, base_ckp=ckps.get('CE'), loss='ce')['last']
-                timings[f'seed{seed} train {mode}'] = time.perf_counter() - t0
-        if args.probe_epochs:   # linear probes of the SupCon encoders, for the logit-based baselines
-            for mode in ('Base', 'ALPA-finetune', 'ALPA-train'):
-                t0 = time.perf_counter()
-                ckps[f'{mode} +probe'] = probe(args, seed, mode, ckps[mode])['path']
-                timings[f'seed{seed} probe {mode}'] = time.perf_counter() - t0
-        for mode, ckp in ckps.items():
-            t0 = time.perf_counter()
-            scored[mode] = score(args, seed, mode, ckp)
-            per_seed[seed][mode] = scored[mode]['results']
-            timings[f'seed{seed} features+scores {mode}'] = time.perf_counter() - t0
-        if args.figures and seed == args.seeds[0]:
-            t0 = time.perf_counter()
-            paths = draw_figures(args, seed, scored, os.path.join(args.out_dir, 'figures'))
-            timings['figures'] = time.perf_counter() - t0
-            print('\nfigures:\n  ' + '\n  '.join(paths))
+        scored, seed_timings = run_seed(args, seed)
+        per_seed[seed] = {mode: res['results'] for mode, res in scored.items()}
+        timings.update(seed_timings)
         seed_file = Path(args.out_dir) / f'seed{seed}' / 'results.json'
         seed_file.parent.mkdir(parents=True, exist_ok=True)
         seed_file.write_text(json.dumps({'config': protocol_config(args), 'results': per_seed[seed]}, indent=1))

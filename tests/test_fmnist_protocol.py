@@ -83,3 +83,48 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     out = capsys.readouterr().out
     assert set(rescored[0]) == {'Base', 'ALPA-finetune', 'ALPA-train', 'CE'}
     assert 'largest |difference| 0.000' in out, out
+
+
+def test_seed_jobs_start_each_job_after_what_it_needs():
+    args = mode_fmnist.resolve_preset(mode_fmnist.get_args_parser().parse_args(['--preset', 'full', '--device', 'cpu']))
+    jobs = mode_fmnist.seed_jobs(args)
+    assert len(jobs) == 5 + 3 + 8 and len(set(jobs)) == len(jobs)
+    made = []
+    for kind, model, needs in jobs:   # in list order every job's input is made before it
+        assert needs is None or needs in made, (kind, model, needs)
+        if kind != 'score':
+            made.append(model)
+    assert [m for k, m, _ in jobs if k == 'score'] == mode_fmnist.MODELS
+    assert ('train', 'ALPA-finetune', 'Base') in jobs and ('train', 'ALPA-finetune*', 'CE') in jobs
+    assert ('probe', 'ALPA-train +probe', 'ALPA-train') in jobs and ('score', 'Base +probe', 'Base +probe') in jobs
+    demo = mode_fmnist.seed_jobs(mode_fmnist.resolve_preset(mode_fmnist.get_args_parser().parse_args(['--device', 'cpu'])))
+    assert [(k, m) for k, m, _ in demo] == [('train', 'Base'), ('train', 'ALPA-train'), ('train', 'ALPA-finetune'),
+                                            ('score', 'Base'), ('score', 'ALPA-finetune'), ('score', 'ALPA-train')]
+
+
+@pytest.mark.slow
+def test_jobs_in_two_processes_give_the_same_numbers(fmnist_root, tmp_path, capsys):
+    """--jobs 2 (each job in a process of its own, one thread each here) against --jobs 1 in
+    this process with one thread (tests/conftest.py): the same results to the last bit."""
+    common = ['--width', '4', '--batch-size', '8', '--epochs', '1', '--steps-per-epoch', '2', '--finetune-epochs', '1',
+              '--max-train', '60', '--max-ood', '30', '--data-root', str(fmnist_root), '--device', 'cpu',
+              '--num-workers', '0', '--far', 'digits', '--precision', 'fp32']
+    one = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args([*common, '--out-dir', str(tmp_path / 'a')]))
+    capsys.readouterr()
+    two = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(
+        [*common, '--out-dir', str(tmp_path / 'b'), '--jobs', '2']))
+    out = capsys.readouterr().out
+    assert two == one
+    logs = tmp_path / 'b' / 'seed0' / 'logs'
+    assert sorted(p.name for p in logs.iterdir()) == sorted(
+        f'{k}-{m}.log' for k in ('train', 'score') for m in ('Base', 'ALPA-finetune', 'ALPA-train'))
+    assert 'ID accuracy' in (logs / 'score-Base.log').read_text()   # the job's output went to its log
+    assert out.count(': started, 1 thread(s)') == 6 and out.count(' s\n') >= 6
+    summary = json.loads((tmp_path / 'b' / 'summary.json').read_text())
+    assert set(summary['timings_s']) == set(json.loads((tmp_path / 'a' / 'summary.json').read_text())['timings_s'])
+    # a job that fails stops the run with one line naming its log; what was done stays
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match=r'train (Base|ALPA-train) \(seed 0\) failed: .*[Ff]ashion.*'
+                                        r'whole output is in .*train-(Base|ALPA-train).log'):
+        mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(
+            [*common, '--out-dir', str(tmp_path / 'c'), '--jobs', '2', '--data-root', str(tmp_path / 'empty')]))
