@@ -29,6 +29,21 @@ def code_files():
     return sorted({n for n in names if n.endswith('.py') and not n.startswith(('tests/', 'bench/'))})
 
 
+# ---------------------------------------------------------------- 1. one resolved run
+def test_a_run_is_resolved_once_into_a_frozen_spec():
+    import dataclasses
+
+    from CSD import feature_collect
+    assert dataclasses.is_dataclass(feature_collect.Run) and feature_collect.Run.__dataclass_params__.frozen
+    fields = {f.name for f in dataclasses.fields(feature_collect.Run)}
+    assert {'spec', 'id_classes', 'ood', 'norm', 'device', 'name'} <= fields
+    callers = [rel for rel in code_files() if re.search(r'\bprepare\(args', source(rel))]
+    assert callers == ['CSD/CSD.py', 'CSD/feature_collect.py']   # the two test-time entry scripts
+    for rel in callers:   # whose mains resolve nothing themselves that prepare resolves
+        body = ast.get_source_segment(source(rel), function(rel, 'main'))
+        assert 'prepare(args' in body and not re.search(r'resolve_id_classes|default_ood|resolve_test_norm', body), rel
+
+
 # ---------------------------------------------------------------- 3. one detector contract
 def test_every_method_is_registered_once_and_is_a_detector():
     assert set(detectors.DETECTORS) == EVERY_METHOD and len(detectors.DETECTORS) == len(EVERY_METHOD)
