@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from util import data as data_lib
@@ -31,7 +32,7 @@ from util import ood as ood_lib
 from util.checkpoint import file_sha256, load_model, resolve_id_classes
 from util.cli import Parser
 from util.errors import UserError, run_cli
-from util.features import SCALES
+from util.features import SCALES, exact_fp32
 from util.fingerprint import FEATURE_CODE, code_hash
 from util.misc import WORKERS_HELP, default_workers, progress, seeded_indices
 from util.networks import MODEL_ARCHS
@@ -159,19 +160,28 @@ def get_splits(args, run, force=False, log=print):
     transform = run.transform
     ckp_hash = file_sha256(args.ckp)
     data_root = os.path.abspath(args.data_root)
+    encoder = None if force else probed_encoder(args, run, log)
     splits = {}
     for split in ['train', 'test', *run.ood]:
         source = os.path.abspath(split) if split in run.ood_folders else data_root
         if run.spec.name == 'path' and split in ('train', 'test'):
             source = os.path.abspath(args.in_train if split == 'train' else args.in_test)
-        key = cache_key(ckp_hash, run.info['arch'], run.spec.name, split, transform, run.id_classes, args.max_train,
-                        source, run.device.type, args.bank_fraction, args.dtype, args.max_ood)
+        key_of = lambda sha, arch: cache_key(sha, arch, run.spec.name, split, transform, run.id_classes, args.max_train,
+                                             source, run.device.type, args.bank_fraction, args.dtype, args.max_ood)
+        key = key_of(ckp_hash, run.info['arch'])
         path = split_dir(args.cache_dir, run.spec.name, run.name, split_label(split), key)
         cached = None if force else load_store(path)
         if cached is not None:
             log(f"[cache] {split}: {cached['meta']['n']} images from {path}")
             splits[split_label(split)] = cached
             continue
+        if encoder is not None:
+            reused = probe_split(args, run, encoder[0], split_label(split), key_of(*encoder[1:]))
+            if reused is not None:
+                log(f"[cache] {split}: {reused['meta']['n']} images, the features of {encoder[0]} from "
+                    f"{reused['meta']['store']}; this probe's logits computed from them")
+                splits[split_label(split)] = reused
+                continue
         dataset, keep = split_dataset(args, run, split, log)
         meta = {'split': split, 'in_dataset': run.spec.name, 'arch': run.info['arch'], 'ckp': str(args.ckp),
                 'ckp_sha256': ckp_hash, 'key': key, 'id_classes': run.id_classes, 'transform': repr(transform),
@@ -185,6 +195,47 @@ def get_splits(args, run, force=False, log=print):
         log(f"[features] {split}: {store['meta']['n']} images -> {path}")
         splits[split_label(split)] = store
     return splits
+
+
+def probed_encoder(args, run, log=print):
+    """A linear probe (``ALPA/main_linear.py``) sees its encoder's features: the same frozen
+    weights give the same feature map, so where the encoder's own fp32 stores are in the cache
+    (``CSD.py`` on the encoder, same data and flags) only the logits are new. -> ``(encoder
+    checkpoint, its sha256, its arch)``, or None (not a probe, fp16 stores, the encoder file
+    gone, or its weights not the probe's: then the probe extracts as any model)."""
+    of = (run.info['record'] or {}).get('probe_of')
+    if not of or args.dtype != 'fp32' or getattr(run.model, 'fc', None) is None:
+        return None
+    if not os.path.isfile(of):
+        log(f"[cache] the encoder this probe was trained on, {of}, is not here: extracting its features again")
+        return None
+    encoder, info = load_model(of, None, run.spec.name, log=lambda *a, **k: None)
+    mine, theirs = run.model.encoder.state_dict(), encoder.encoder.state_dict()
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k].cpu(), theirs[k]) for k in mine):
+        log(f"[cache] this probe's encoder is not the one in {of}: extracting its features again")
+        return None
+    return of, file_sha256(of), info['arch']
+
+
+def probe_split(args, run, encoder, label, key):
+    """The encoder's finished fp32 store of one split (any run name under --cache-dir) with
+    this probe's logits: its ``fc`` on the stored global vector, in the extraction's batches.
+    The same numbers as the probe's own extraction, to the last bit: the stored global vector is
+    ``fmap.mean((2, 3))``, which is what ``adaptive_avg_pool2d(fmap, 1)`` computes (torch
+    reduces a 1×1 adaptive pool to that mean; tests/test_baselines.py holds both to it), and the
+    linear layer sees the same rows in the same batch shapes. -> a split, or None."""
+    safe = label.replace(os.sep, '_').strip('_') or 'root'
+    found = sorted((Path(args.cache_dir) / run.spec.name).glob(f'*/{safe}-{key}'))
+    store = load_store(found[0]) if found else None
+    if store is None or store['meta'].get('dtype') != 'fp32' or store['meta'].get('skipped'):
+        return None   # rows of a store with unreadable images no longer fall into the extraction's batches
+    glob = store['features'][:, SCALES.index('global')]
+    bs, fc = args.batch_size, run.model.fc
+    with exact_fp32(run.device), torch.no_grad():
+        logits = [fc(torch.from_numpy(np.ascontiguousarray(glob[i:i + bs])).to(run.device)).float().cpu().numpy()
+                  for i in range(0, len(glob), bs)]
+    meta = {**store['meta'], 'store': str(found[0]), 'logits_of': str(args.ckp), 'features_of': encoder}
+    return {**store, 'logits': np.concatenate(logits), 'meta': meta}
 
 
 def split_dataset(args, run, split, log=print):

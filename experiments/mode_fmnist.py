@@ -207,7 +207,8 @@ def score(args, seed, mode, ckp):
 def seed_jobs(args):
     """The jobs of one seed, ``(kind, model, needs)``, in the order they start once what they
     need is done: the long training chains first (Base -> ALPA-finetune, ALPA-train, CE ->
-    ALPA-finetune*), then the probes, then the scoring of every model."""
+    ALPA-finetune*), then the probes, then the scoring of every model (a probe's after its
+    encoder's, ``waits_for``)."""
     jobs = [('train', 'Base', None), ('train', 'ALPA-train', None), ('train', 'ALPA-finetune', 'Base')]
     if args.ce:   # the * rows: a CE backbone and its MODE-F*
         jobs += [('train', 'CE', None), ('train', 'ALPA-finetune*', 'CE')]
@@ -215,6 +216,13 @@ def seed_jobs(args):
         jobs += [('probe', f'{m} +probe', m) for m in ('Base', 'ALPA-finetune', 'ALPA-train')]
     made = {model for _, model, _ in jobs}
     return jobs + [('score', m, m) for m in MODELS if m in made]
+
+
+def waits_for(kind, mode):
+    """The job that must be done before this one besides the one making its checkpoint: a
+    probe's scoring reads its encoder's feature stores (``CSD/feature_collect.probe_split``),
+    so it starts after the encoder's scoring wrote them."""
+    return ('score', mode.removesuffix(' +probe')) if kind == 'score' and mode.endswith(' +probe') else None
 
 
 def run_job(args, seed, kind, mode, ckp):
@@ -278,10 +286,11 @@ def run_in_processes(args, seed, pending, done, timings):
     threads = max(1, torch.get_num_threads() // args.jobs)
     logs = Path(args.out_dir) / f'seed{seed}' / 'logs'
     logs.mkdir(parents=True, exist_ok=True)
-    needed = lambda needs: needs is None or ('train', needs) in done or ('probe', needs) in done
+    made = lambda needs: needs is None or ('train', needs) in done or ('probe', needs) in done
+    ready = lambda kind, mode, needs: made(needs) and waits_for(kind, mode) in (None, *done)
     try:
         while pending or running:
-            for job in [j for j in pending if needed(j[2])][:args.jobs - len(running)]:
+            for job in [j for j in pending if ready(*j)][:args.jobs - len(running)]:
                 kind, mode, needs = job
                 pending.remove(job)
                 log_path = logs / f"{kind}-{slug(mode)}.log"

@@ -121,22 +121,73 @@ def test_supcon_model_without_logits_says_to_use_a_linear_probe(data_root, tmp_p
             '--device', 'cpu', '--out-datasets', 'SVHN', '--method', 'energy']))
 
 
-def test_linear_probe_then_energy_and_csd(data_root, tmp_path):
+@pytest.fixture(scope='module')
+def probe(data_root, tmp_path_factory):
+    """A tiny SupCon encoder and its linear probe -> (encoder last.pth, linear.pth, probe accuracy)."""
     from ALPA import main_linear, main_supcon
     from tests.fixtures import find_last, tiny_train_argv
-    main_supcon.main(main_supcon.get_args_parser().parse_args(tiny_train_argv(data_root, tmp_path / 's', '--device', 'cpu')))
+    tmp = tmp_path_factory.mktemp('probe')
+    main_supcon.main(main_supcon.get_args_parser().parse_args(tiny_train_argv(data_root, tmp / 's', '--device', 'cpu')))
     out = main_linear.main(main_linear.get_args_parser().parse_args([
-        '--ckp', find_last(tmp_path / 's'), '--dataset', 'cifar10', '--data-root', str(data_root), '--epochs', '2',
-        '--batch-size', '16', '--num-workers', '0', '--device', 'cpu', '--save-folder', str(tmp_path / 'probe')]))
+        '--ckp', find_last(tmp / 's'), '--dataset', 'cifar10', '--data-root', str(data_root), '--epochs', '2',
+        '--batch-size', '16', '--num-workers', '0', '--device', 'cpu', '--save-folder', str(tmp / 'probe')]))
     assert 0.0 <= out['accuracy'] <= 1.0 and out['path'].endswith('linear.pth')
+    return find_last(tmp / 's'), out['path'], out['accuracy']
+
+
+def test_linear_probe_then_energy_and_csd(data_root, probe, tmp_path):
     res = csd_cli.main(csd_cli.get_args_parser().parse_args([
-        '--in-dataset', 'CIFAR-10', '--ckp', out['path'], '--data-root', str(data_root), '--num-workers', '0',
+        '--in-dataset', 'CIFAR-10', '--ckp', probe[1], '--data-root', str(data_root), '--num-workers', '0',
         '--device', 'cpu', '--cache-dir', str(tmp_path / 'cache'), '--output-dir', str(tmp_path / 'res'),
         '--out-datasets', 'SVHN', '--method', 'energy', 'csd', '--k', '3']))
     assert set(res['results']) == {'energy', 'csd'} and 'logits' in res['splits']['test']
     meta = json.loads((tmp_path / 'res' / 'CIFAR-10' / 'linear' / 'energy.json').read_text())['meta']
     assert meta['arch'] == 'resnet18-ce' and meta['id_accuracy']['how'] == 'classifier'
-    assert meta['id_accuracy']['value'] == pytest.approx(out['accuracy'])
+    assert meta['id_accuracy']['value'] == pytest.approx(probe[2])
+
+
+def test_a_probe_scores_from_its_encoders_stores_to_the_last_bit(data_root, probe, tmp_path, capsys):
+    """The probe's logits from the encoder's fp32 stores (its fc on the stored global vector)
+    equal its own extraction's bit for bit, and so does every score, ODIN's included."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    x = torch.rand(5, 7, 3, 3)   # what the reuse rests on: a 1x1 adaptive pool is the mean over H, W
+    assert torch.equal(F.adaptive_avg_pool2d(x, 1).flatten(1), x.mean(dim=(2, 3)))
+    common = ['--in-dataset', 'CIFAR-10', '--data-root', str(data_root), '--num-workers', '0', '--device', 'cpu',
+              '--out-datasets', 'SVHN', '--dtype', 'fp32', '--batch-size', '7']
+    methods = ['--method', 'msp', 'energy', 'vim', 'react', 'odin', 'csd', '--k', '3']
+    run = lambda ckp, cache, *extra: csd_cli.main(csd_cli.get_args_parser().parse_args(
+        [*common, '--ckp', ckp, '--cache-dir', str(tmp_path / cache), '--output-dir', str(tmp_path / 'res' / cache),
+         *extra]))
+    own = run(probe[1], 'own', *methods)
+    run(probe[0], 'shared', '--method', 'knn', '--k', '3')   # the encoder's stores
+    capsys.readouterr()
+    reused = run(probe[1], 'shared', *methods)
+    out = capsys.readouterr().out
+    assert out.count("this probe's logits computed from them") == 3 and '[features]' not in out
+    for split in ('train', 'test', 'SVHN'):
+        a, b = own['splits'][split], reused['splits'][split]
+        assert b['logits'].dtype == np.float32 and np.array_equal(a['logits'], b['logits']), split
+        assert np.array_equal(a['features'], b['features']) and np.array_equal(a['labels'], b['labels'])
+    for method in own['scores']:
+        assert np.array_equal(own['scores'][method][0], reused['scores'][method][0]), method
+        assert own['results'][method] == reused['results'][method], method
+    # fp16 stores, or an encoder file that is gone: the probe extracts its own features
+    run(probe[0], 'half', '--method', 'knn', '--k', '3', '--dtype', 'fp16')
+    capsys.readouterr()
+    run(probe[1], 'half', '--method', 'energy', '--dtype', 'fp16')
+    assert "logits computed from them" not in capsys.readouterr().out
+    shutil.copy(probe[1], tmp_path / 'linear.pth')
+    moved = tmp_path / 'moved.pth'
+    shutil.move(probe[0], moved)
+    try:
+        run(str(tmp_path / 'linear.pth'), 'shared', '--method', 'energy')
+        out = capsys.readouterr().out
+        assert 'is not here: extracting its features again' in out and '[features] train' in out
+    finally:
+        shutil.move(moved, probe[0])
 
 
 def test_k_auto_names_its_validation_data_and_keeps_it_out_of_the_table(data_root, tmp_path, capsys):

@@ -48,6 +48,8 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     per_seed = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--seeds', '1', *common]))
     out = capsys.readouterr().out
     assert set(per_seed) == {0, 1} and 'seed 0: results from an earlier run' in out
+    # each probe scored from its encoder's stores (train, test, held-out, digits): only its logits are new
+    assert out.count("this probe's logits computed from them") == 3 * 4
     assert set(per_seed[0]) == {'Base', 'ALPA-finetune', 'ALPA-train', 'CE', 'ALPA-finetune*', 'Base +probe',
                                 'ALPA-finetune +probe', 'ALPA-train +probe'}
     summary = [line.split() for line in out.splitlines() if line.count('±') == 4]
@@ -90,10 +92,14 @@ def test_seed_jobs_start_each_job_after_what_it_needs():
     jobs = mode_fmnist.seed_jobs(args)
     assert len(jobs) == 5 + 3 + 8 and len(set(jobs)) == len(jobs)
     made = []
+    scored = []
     for kind, model, needs in jobs:   # in list order every job's input is made before it
         assert needs is None or needs in made, (kind, model, needs)
-        if kind != 'score':
-            made.append(model)
+        after = mode_fmnist.waits_for(kind, model)   # and a probe is scored after its encoder
+        assert after is None or after[1] in scored, (kind, model, after)
+        (scored if kind == 'score' else made).append(model)
+    assert [(m, mode_fmnist.waits_for(k, m)) for k, m, _ in jobs if mode_fmnist.waits_for(k, m)] == [
+        (f'{m} +probe', ('score', m)) for m in ('Base', 'ALPA-finetune', 'ALPA-train')]
     assert [m for k, m, _ in jobs if k == 'score'] == mode_fmnist.MODELS
     assert ('train', 'ALPA-finetune', 'Base') in jobs and ('train', 'ALPA-finetune*', 'CE') in jobs
     assert ('probe', 'ALPA-train +probe', 'ALPA-train') in jobs and ('score', 'Base +probe', 'Base +probe') in jobs
@@ -108,7 +114,7 @@ def test_jobs_in_two_processes_give_the_same_numbers(fmnist_root, tmp_path, caps
     this process with one thread (tests/conftest.py): the same results to the last bit."""
     common = ['--width', '4', '--batch-size', '8', '--epochs', '1', '--steps-per-epoch', '2', '--finetune-epochs', '1',
               '--max-train', '60', '--max-ood', '30', '--data-root', str(fmnist_root), '--device', 'cpu',
-              '--num-workers', '0', '--far', 'digits', '--precision', 'fp32']
+              '--num-workers', '0', '--far', 'digits', '--precision', 'fp32', '--probe-epochs', '1']
     one = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args([*common, '--out-dir', str(tmp_path / 'a')]))
     capsys.readouterr()
     two = mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(
@@ -116,10 +122,14 @@ def test_jobs_in_two_processes_give_the_same_numbers(fmnist_root, tmp_path, caps
     out = capsys.readouterr().out
     assert two == one
     logs = tmp_path / 'b' / 'seed0' / 'logs'
+    models = ('Base', 'ALPA-finetune', 'ALPA-train')
     assert sorted(p.name for p in logs.iterdir()) == sorted(
-        f'{k}-{m}.log' for k in ('train', 'score') for m in ('Base', 'ALPA-finetune', 'ALPA-train'))
+        [f'{k}-{m}.log' for k in ('train', 'score') for m in models] +
+        [f'{k}-{m}-probe.log' for k in ('probe', 'score') for m in models])
     assert 'ID accuracy' in (logs / 'score-Base.log').read_text()   # the job's output went to its log
-    assert out.count(': started, 1 thread(s)') == 6 and out.count(' s\n') >= 6
+    for m in models:   # a probe's scoring started after its encoder's had written the stores
+        assert "this probe's logits computed from them" in (logs / f'score-{m}-probe.log').read_text()
+    assert out.count(': started, 1 thread(s)') == 12 and out.count(' s\n') >= 12
     summary = json.loads((tmp_path / 'b' / 'summary.json').read_text())
     assert set(summary['timings_s']) == set(json.loads((tmp_path / 'a' / 'summary.json').read_text())['timings_s'])
     # a job that fails stops the run with one line naming its log; what was done stays
