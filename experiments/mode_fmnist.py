@@ -139,11 +139,9 @@ def train(args, seed, mode, base_ckp=None, loss='supcon'):
             '--model', args.model, '--width', str(args.width), '--batch-size', str(args.batch_size),
             '--num-workers', str(args.num_workers), '--cosine', '--seed', str(seed),
             '--save-folder', os.path.join(args.out_dir, f'seed{seed}', slug(mode)), '--save-freq', '0',
-            '--eval', 'knn' if mode in ('Base', 'CE') else 'none', '--resume', 'auto']
+            '--eval', 'none', '--resume', 'auto']   # the score job prints the ID accuracy, from its own stores
     if loss == 'supcon':
         argv += ['--temp', '0.1']
-    if args.max_train:
-        argv += ['--eval-max-train', str(args.max_train)]
     if args.steps_per_epoch:
         argv += ['--max-steps', str(args.steps_per_epoch)]
     if args.precision == 'bf16':
