@@ -31,6 +31,21 @@ def ckpts(tmp_path_factory):
     return write_bad_checkpoints(tmp_path_factory.mktemp('ckpts'))
 
 
+@pytest.fixture(scope='session')
+def probe(data_root, tmp_path_factory):
+    """A tiny SupCon encoder trained on ``data_root``'s CIFAR-10 and its linear probe ->
+    (encoder last.pth, linear.pth, the probe's ID accuracy)."""
+    from ALPA import main_linear, main_supcon
+    from tests.fixtures import find_last, tiny_train_argv
+    tmp = tmp_path_factory.mktemp('probe')
+    main_supcon.main(main_supcon.get_args_parser().parse_args(tiny_train_argv(data_root, tmp / 's', '--device', 'cpu')))
+    out = main_linear.main(main_linear.get_args_parser().parse_args([
+        '--ckp', find_last(tmp / 's'), '--dataset', 'cifar10', '--data-root', str(data_root), '--epochs', '2',
+        '--batch-size', '16', '--num-workers', '0', '--device', 'cpu', '--save-folder', str(tmp / 'probe')]))
+    assert 0.0 <= out['accuracy'] <= 1.0 and out['path'].endswith('linear.pth')
+    return find_last(tmp / 's'), out['path'], out['accuracy']
+
+
 @pytest.fixture
 def tf32_flags():
     """The process-wide fp32 precision flags (CUDA matmul, cuDNN conv), given back after the test."""

@@ -121,20 +121,6 @@ def test_supcon_model_without_logits_says_to_use_a_linear_probe(data_root, tmp_p
             '--device', 'cpu', '--out-datasets', 'SVHN', '--method', 'energy']))
 
 
-@pytest.fixture(scope='module')
-def probe(data_root, tmp_path_factory):
-    """A tiny SupCon encoder and its linear probe -> (encoder last.pth, linear.pth, probe accuracy)."""
-    from ALPA import main_linear, main_supcon
-    from tests.fixtures import find_last, tiny_train_argv
-    tmp = tmp_path_factory.mktemp('probe')
-    main_supcon.main(main_supcon.get_args_parser().parse_args(tiny_train_argv(data_root, tmp / 's', '--device', 'cpu')))
-    out = main_linear.main(main_linear.get_args_parser().parse_args([
-        '--ckp', find_last(tmp / 's'), '--dataset', 'cifar10', '--data-root', str(data_root), '--epochs', '2',
-        '--batch-size', '16', '--num-workers', '0', '--device', 'cpu', '--save-folder', str(tmp / 'probe')]))
-    assert 0.0 <= out['accuracy'] <= 1.0 and out['path'].endswith('linear.pth')
-    return find_last(tmp / 's'), out['path'], out['accuracy']
-
-
 def test_linear_probe_then_energy_and_csd(data_root, probe, tmp_path):
     res = csd_cli.main(csd_cli.get_args_parser().parse_args([
         '--in-dataset', 'CIFAR-10', '--ckp', probe[1], '--data-root', str(data_root), '--num-workers', '0',

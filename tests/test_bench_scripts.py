@@ -27,6 +27,15 @@ def test_bench_scale_synthetic_then_real_store_queries(tmp_path):
     assert re.search(r'recall@10 1\.0000', again)
 
 
+def test_bench_probe_reuse_finds_the_probe_from_stores_equal_to_its_own(data_root, probe, tmp_path):
+    out = run('bench/bench_probe_reuse.py', '--encoder', probe[0], '--probe', probe[1], '--work', str(tmp_path / 'w'),
+              '--', '--in-dataset', 'CIFAR-10', '--data-root', str(data_root), '--num-workers', '0', '--device', 'cpu',
+              '--out-datasets', 'SVHN', '--method', 'energy', 'odin', 'vim')
+    assert 'equal to the last bit: logits yes, features yes, scores yes, metrics yes' in out
+    assert re.search(r"probe from the encoder's stores: [\d.]+ s \| probe extracting its own: [\d.]+ s", out)
+    assert out.count("this probe's logits computed from them") == 3
+
+
 def test_bench_smallest_k_prints_equal_values_for_each_k():
     out = run('bench/bench_smallest_k.py', '--rows', '16', '--bank', '9000', '--k', '3', '64', '65', '--repeats', '1')
     lines = [line for line in out.splitlines() if line.startswith('k=')]
