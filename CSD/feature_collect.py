@@ -178,8 +178,8 @@ def get_splits(args, run, force=False, log=print):
         if encoder is not None:
             reused = probe_split(args, run, encoder[0], split_label(split), key_of(*encoder[1:]))
             if reused is not None:
-                log(f"[cache] {split}: {reused['meta']['n']} images, the features of {encoder[0]} from "
-                    f"{reused['meta']['store']}; this probe's logits computed from them")
+                log(f"[cache] {split}: {reused['meta']['n']} images from the encoder's store {reused['meta']['store']}; "
+                    f"this probe's logits computed from them")
                 splits[split_label(split)] = reused
                 continue
         dataset, keep = split_dataset(args, run, split, log)
