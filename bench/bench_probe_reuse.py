@@ -1,7 +1,7 @@
 """A linear probe scored from its encoder's feature stores against its own extraction.
 
     python bench/bench_probe_reuse.py --encoder <run>/last.pth --probe <run>/probe/linear.pth \
-        --work /tmp/probe_reuse -- --in-dataset fashion-mnist --data-root datasets \
+        --work runs/probe_reuse -- --in-dataset fashion-mnist --data-root datasets \
         --out-datasets fashion-mnist-heldout digits gaussian uniform --max-ood 4000 \
         --method msp energy odin vim react
 
