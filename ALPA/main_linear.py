@@ -9,6 +9,10 @@ logit-based scores (msp, energy, vim, react) work for SupCon models too.
 SupContrast's recipe: SGD (momentum 0.9, no weight decay), batch 256, lr 0.1 decayed ×0.2 at
 epochs 60, 75, 90 of 100, RandomResizedCrop(32, 0.2-1) + flip; the encoder stays in eval
 mode (BatchNorm statistics frozen) and gets no gradient.
+
+``linear.pth`` carries a fingerprint of the encoder's bytes, the flags that decide the probe
+and the training code: a second run that would compute the same probe reuses the file and
+prints its accuracy; any difference trains it again and replaces the file.
 """
 import os
 
@@ -16,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from util import data as data_lib
-from util.checkpoint import load_model, resolve_id_classes, save_checkpoint
+from util.checkpoint import file_sha256, load_model, read_checkpoint, resolve_id_classes, save_checkpoint
 from util.cli import Parser
 from util.errors import UserError, run_cli
+from util.fingerprint import TRAINING_CODE, fingerprint
 from util.lr_sched import adjust_learning_rate, parse_epochs
 from util.misc import WORKERS_HELP, default_workers, pick_device, progress, set_seed
 from util.networks import build_model
@@ -64,7 +69,36 @@ def accuracy(model, loader, device):
     return correct / max(seen, 1)
 
 
+def probe_fingerprint(args):
+    """What decides the probe: every flag but where it reads, writes and runs, the encoder's
+    bytes and the training code (``ALPA/``, ``util/``)."""
+    if not os.path.isfile(args.ckp):
+        raise UserError(f"--ckp {args.ckp}: no such file; give the last.pth of a SupCon / MODE run")
+    config = {k: v for k, v in sorted(vars(args).items())
+              if k not in ('ckp', 'data_root', 'num_workers', 'device', 'save_folder', 'download')}
+    return fingerprint({**config, 'ckp_sha256': file_sha256(args.ckp)}, TRAINING_CODE)
+
+
+def reuse(path, fp):
+    """``linear.pth`` at ``path`` when it carries the fingerprint ``fp`` -> ``main``'s result, else None."""
+    if not os.path.isfile(path):
+        return None
+    saved = read_checkpoint(path)
+    if saved['fingerprint'] != fp or 'linear_accuracy' not in saved['raw']:
+        print(f"{path} was made from another encoder, flags or code: training it again")
+        return None
+    acc = float(saved['raw']['linear_accuracy'])
+    print(f"{path} is this probe already (same encoder, flags and code): reused")
+    print(f"ID test accuracy (linear probe): {100 * acc:.2f}%")
+    return {'accuracy': acc, 'path': path}
+
+
 def main(args):
+    fp = probe_fingerprint(args)
+    path = os.path.join(args.save_folder or os.path.dirname(os.path.abspath(args.ckp)), 'linear.pth')
+    done = reuse(path, fp)
+    if done:
+        return done
     device = pick_device(args.device)
     set_seed(args.seed)
     encoder_model, info = load_model(args.ckp, None, DATASETS[args.dataset])
@@ -81,9 +115,7 @@ def main(args):
     model = build_model(f'{base}-ce', num_classes=spec.num_classes, in_channel=rec.get('in_channel', spec.channels),
                         width=rec.get('width', 64))
     model.encoder.load_state_dict(encoder_model.encoder.state_dict())
-    model.to(device)
-    for p in model.encoder.parameters():
-        p.requires_grad_(False)
+    model.to(device).encoder.requires_grad_(False)
 
     def loader(split, transform, shuffle):
         ds = data_lib.get_id_dataset(spec.name, args.data_root, split, transform, id_classes, download=args.download)
@@ -114,12 +146,10 @@ def main(args):
             optimizer.step()
     acc = accuracy(model, test, device)
     print(f"ID test accuracy (linear probe): {100 * acc:.2f}%")
-    folder = args.save_folder or os.path.dirname(os.path.abspath(args.ckp))
-    path = os.path.join(folder, 'linear.pth')
     record = {**rec, 'model_arch': f'{base}-ce', 'num_classes': spec.num_classes, 'mean': list(spec.mean),
               'std': list(spec.std), 'id_classes': list(id_classes) if id_classes else None, 'probe_of': args.ckp}
     save_checkpoint({'model': {k: v.cpu() for k, v in model.state_dict().items()}, 'arch': record,
-                     'epoch': args.epochs, 'linear_accuracy': acc}, path)
+                     'epoch': args.epochs, 'linear_accuracy': acc, 'fingerprint': fp}, path)
     print(f"written: {path}")
     return {'accuracy': acc, 'path': path}
 

@@ -10,6 +10,7 @@ import pytest
 from CSD import CSD as csd_cli
 from CSD.baselines import BASELINES
 from CSD.detectors import Context
+from util.errors import UserError
 from util.metrics import cal_metric
 
 
@@ -75,7 +76,6 @@ def test_react_and_ssd_match_their_definitions():
 
 
 def test_logit_methods_without_logits_are_one_line_errors():
-    from util.errors import UserError
     split, _ = fixed_split(7)
     del split['logits']
     with pytest.raises(UserError, match='main_linear.py'):
@@ -130,6 +130,28 @@ def test_linear_probe_then_energy_and_csd(data_root, probe, tmp_path):
     meta = json.loads((tmp_path / 'res' / 'CIFAR-10' / 'linear' / 'energy.json').read_text())['meta']
     assert meta['arch'] == 'resnet18-ce' and meta['id_accuracy']['how'] == 'classifier'
     assert meta['id_accuracy']['value'] == pytest.approx(probe[2])
+
+
+def test_a_probe_is_reused_only_when_encoder_flags_and_code_are_the_same(data_root, probe, tmp_path, capsys):
+    import shutil
+
+    from ALPA import main_linear
+    (tmp_path / 'p').mkdir()
+    shutil.copy(probe[1], tmp_path / 'p' / 'linear.pth')
+    argv = ['--ckp', probe[0], '--dataset', 'cifar10', '--data-root', str(data_root), '--epochs', '2', '--batch-size',
+            '16', '--num-workers', '0', '--device', 'cpu', '--save-folder', str(tmp_path / 'p')]
+    before = (tmp_path / 'p' / 'linear.pth').read_bytes()
+    capsys.readouterr()
+    again = main_linear.main(main_linear.get_args_parser().parse_args(argv))   # the fixture's flags
+    assert 'is this probe already (same encoder, flags and code): reused' in capsys.readouterr().out
+    assert again == {'accuracy': probe[2], 'path': str(tmp_path / 'p' / 'linear.pth')}
+    assert (tmp_path / 'p' / 'linear.pth').read_bytes() == before
+    main_linear.main(main_linear.get_args_parser().parse_args([*argv, '--learning-rate', '0.05']))
+    out = capsys.readouterr().out
+    assert 'made from another encoder, flags or code: training it again' in out and 'written: ' in out
+    assert (tmp_path / 'p' / 'linear.pth').read_bytes() != before
+    with pytest.raises(UserError, match=r'--ckp .*nothing\.pth: no such file'):
+        main_linear.main(main_linear.get_args_parser().parse_args([*argv[:1], str(tmp_path / 'nothing.pth'), *argv[2:]]))
 
 
 def test_a_probe_scores_from_its_encoders_stores_to_the_last_bit(data_root, probe, tmp_path, capsys):
