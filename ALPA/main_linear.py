@@ -83,7 +83,11 @@ def reuse(path, fp):
     """``linear.pth`` at ``path`` when it carries the fingerprint ``fp`` -> ``main``'s result, else None."""
     if not os.path.isfile(path):
         return None
-    saved = read_checkpoint(path)
+    try:
+        saved = read_checkpoint(path)
+    except UserError as e:   # cut short or not a checkpoint: trained again and replaced, like a stale one
+        print(f"{path} is unreadable ({e}): training it again")
+        return None
     if saved['fingerprint'] != fp or 'linear_accuracy' not in saved['raw']:
         print(f"{path} was made from another encoder, flags or code: training it again")
         return None

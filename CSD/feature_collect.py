@@ -146,9 +146,13 @@ def cache_key(ckp_hash, arch, in_dataset, split, transform, id_classes, max_trai
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def store_name(split, key):
+    """A split's store folder name under ``cache/<in-dataset>/<name>/``: ``<split>-<key>``."""
+    return f"{split.replace(os.sep, '_').strip('_') or 'root'}-{key}"
+
+
 def split_dir(cache_root, in_dataset, name, split, key):
-    safe = split.replace(os.sep, '_').strip('_') or 'root'
-    return Path(cache_root) / in_dataset / name / f'{safe}-{key}'
+    return Path(cache_root) / in_dataset / name / store_name(split, key)
 
 
 def get_splits(args, run, force=False, log=print):
@@ -224,8 +228,7 @@ def probe_split(args, run, encoder, label, key):
     ``fmap.mean((2, 3))``, which is what ``adaptive_avg_pool2d(fmap, 1)`` computes (torch
     reduces a 1×1 adaptive pool to that mean; tests/test_baselines.py holds both to it), and the
     linear layer sees the same rows in the same batch shapes. -> a split, or None."""
-    safe = label.replace(os.sep, '_').strip('_') or 'root'
-    found = sorted((Path(args.cache_dir) / run.spec.name).glob(f'*/{safe}-{key}'))
+    found = sorted((Path(args.cache_dir) / run.spec.name).glob(f'*/{store_name(label, key)}'))
     store = load_store(found[0]) if found else None
     if store is None or store['meta'].get('dtype') != 'fp32' or store['meta'].get('skipped'):
         return None   # rows of a store with unreadable images no longer fall into the extraction's batches

@@ -3,6 +3,7 @@ with every method, near/far rows, saved scores and the OpenOOD export."""
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -150,6 +151,10 @@ def test_a_probe_is_reused_only_when_encoder_flags_and_code_are_the_same(data_ro
     out = capsys.readouterr().out
     assert 'made from another encoder, flags or code: training it again' in out and 'written: ' in out
     assert (tmp_path / 'p' / 'linear.pth').read_bytes() != before
+    (tmp_path / 'p' / 'linear.pth').write_bytes(before[:100])   # cut short: trained again, not an error
+    main_linear.main(main_linear.get_args_parser().parse_args(argv))
+    assert re.search(r'linear.pth is unreadable \(.*\): training it again', capsys.readouterr().out)
+    assert main_linear.main(main_linear.get_args_parser().parse_args(argv))['accuracy'] == probe[2]
     with pytest.raises(UserError, match=r'--ckp .*nothing\.pth: no such file'):
         main_linear.main(main_linear.get_args_parser().parse_args([*argv[:1], str(tmp_path / 'nothing.pth'), *argv[2:]]))
 

@@ -1,6 +1,7 @@
 """The main job's entry script end to end on a tiny Fashion-MNIST in the real IDX format."""
 import json
 import os
+import re
 
 import pytest
 
@@ -65,6 +66,13 @@ def test_full_preset_adds_ce_rows_and_merges_seeds_run_separately(fmnist_root, t
     assert again == per_seed and [line for line in out2.splitlines() if line.count('±') == 4] == table
     assert '[cache]' not in out2 and 'written: ' not in out2.split('seed 1: results')[0]   # nothing scored
     assert out2.rstrip().endswith(f'written: {tmp_path}/summary.md') and 'total ' not in out2   # nor timed
+    # the ID accuracies and loss curves BENCHMARKS quotes beside the table, for both seeds
+    from experiments import fmnist_report
+    fmnist_report.main(fmnist_report.get_args_parser().parse_args(['--out-dir', str(tmp_path)]))
+    report = capsys.readouterr().out
+    assert re.search(r'^Base-probe +[\d.]+ ± [\d.]+ +\(classifier; seed0 [\d.]+, seed1 [\d.]+\)$', report, re.M)
+    assert re.search(r'^Base +[\d.]+ ± [\d.]+ +\(kNN-20 vote; seed0', report, re.M)
+    assert re.search(r'^ALPA-train alpa +[\d.]+ \| [\d.]+$', report, re.M)   # one epoch, two seeds
     with pytest.raises(UserError, match='--summary-only: no seed'):
         mode_fmnist.main(mode_fmnist.get_args_parser().parse_args(['--summary-only', *common, '--max-ood', '41']))
     # the release of seed 0 (stripped checkpoints + manifest), then --released re-scores them
